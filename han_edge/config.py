@@ -79,3 +79,36 @@ def get_config(variant: str) -> HANConfig:
         return VARIANTS[variant.lower()]
     except KeyError:
         raise HanEdgeError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}") from None
+
+
+# -- model metadata: what every exported file says about itself -------------------------------------
+FEATURE_LAYOUT = "global[0:512] L2-normalised | local[512:1024] L2-normalised"
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+
+
+def model_metadata(config: HANConfig, precision: str, **extra) -> dict[str, str]:
+    """String key/values stored in ONNX ``metadata_props`` and in an engine's side file."""
+    from han_edge import __version__
+
+    if precision not in PRECISIONS:
+        raise HanEdgeError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+    meta = {
+        "han_edge.config": config.to_json(),
+        "han_edge.variant": config.variant,
+        "han_edge.precision": precision,
+        "han_edge.input": f"images float32 [N,3,{config.input_size[0]},{config.input_size[1]}] RGB, "
+                          f"(x/255 - mean)/std",
+        "han_edge.mean": json.dumps(list(config.mean)),
+        "han_edge.std": json.dumps(list(config.std)),
+        "han_edge.feature_layout": FEATURE_LAYOUT,
+        "han_edge.version": __version__,
+    }
+    meta.update({f"han_edge.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()})
+    return meta
+
+
+def config_from_metadata(meta: dict[str, str], source: str) -> tuple[HANConfig, str]:
+    """(config, precision) from metadata written by ``model_metadata``, or a clear error."""
+    if "han_edge.config" not in meta:
+        raise HanEdgeError(f"{source} carries no han-edge metadata; export it with `han-edge export`")
+    return HANConfig.from_json(meta["han_edge.config"]), meta.get("han_edge.precision", "fp32")

@@ -34,3 +34,42 @@ def count_cost(variant: str) -> dict:
 
 def variants_of(selection: str) -> list[str]:
     return list(VARIANTS) if selection == "all" else [get_config(selection).variant]
+
+
+def measure_throughput(model_path, batch: int = 32, iters: int = 10, warmup: int = 2) -> dict:
+    """Median inference time of one batch through the runtime (pre-processing excluded)."""
+    import time
+
+    import numpy as np
+
+    from han_edge.runtime import Embedder
+
+    embedder = Embedder(model_path)
+    x = np.random.default_rng(0).normal(size=(batch, 3, *embedder.config.input_size)).astype(np.float32)
+    x = embedder.xp.asarray(x)
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        out = embedder.embed_batch(x)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"backend": embedder.name, "precision": embedder.precision, "variant": embedder.config.variant,
+            "ms_per_image": median / batch * 1e3, "images_per_s": batch / median, "feature_dim": out.shape[1]}
+
+
+def cost_table(models, batch: int = 32, iters: int = 10, eval_result: dict | None = None) -> list[dict]:
+    """One row per model file: MACs/params of its variant and measured speed (and rank-1 if given)."""
+    rows = []
+    costs = {}
+    for path in models:
+        speed = measure_throughput(path, batch, iters)
+        variant = speed["variant"]
+        if variant not in costs:
+            costs[variant] = count_cost(variant)
+        rank1 = None
+        if eval_result and eval_result.get("variant") == variant and eval_result.get("precision") == speed["precision"]:
+            rank1 = eval_result.get("rank1")
+        rows.append({"model": str(path), **speed, "macs": costs[variant]["macs"],
+                     "params": costs[variant]["params"], "rank1": rank1})
+    return rows

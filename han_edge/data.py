@@ -1,0 +1,178 @@
+"""Re-id datasets: parsers for the standard folder layouts and a synthetic Market-1501-layout set."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from han_edge.errors import HanEdgeError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+Item = tuple[str, int, int]  # (path, pid, camid)
+
+
+@dataclass
+class ReidData:
+    """Train / query / gallery lists of (path, pid, camid); train pids relabelled to 0..n-1."""
+
+    name: str
+    train: list[Item]
+    query: list[Item]
+    gallery: list[Item]
+    num_train_pids: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_train_pids = len({pid for _, pid, _ in self.train})
+        for split in ("train", "query", "gallery"):
+            if not getattr(self, split):
+                raise HanEdgeError(f"{self.name}: the {split} split is empty")
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise HanEdgeError(f"{what}: folder {path} not found")
+    return path
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def relabel(items: list[Item]) -> list[Item]:
+    mapping = {pid: i for i, pid in enumerate(sorted({pid for _, pid, _ in items}))}
+    return [(path, mapping[pid], cam) for path, pid, cam in items]
+
+
+# -- Market-1501 and DukeMTMC-reID: <pid>_c<cam>..., pid -1 junk (dropped), 0 distractor -------
+_PID_CAM = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def _parse_pid_cam_folder(folder: Path, dataset: str, keep_distractors: bool) -> list[Item]:
+    files = _images(_require_dir(folder, dataset))
+    if not files:
+        raise HanEdgeError(f"{dataset}: no images in {folder}")
+    items = []
+    for path in files:
+        match = _PID_CAM.match(path.name)
+        if not match:
+            raise HanEdgeError(f"{dataset}: cannot parse pid/camera from file name {path.name} in {folder} "
+                               "(expected e.g. 0002_c1s1_000451_03.jpg)")
+        pid, cam = int(match.group(1)), int(match.group(2)) - 1
+        if pid == -1 or (pid == 0 and not keep_distractors):
+            continue
+        items.append((str(path), pid, cam))
+    return items
+
+
+def load_market_layout(root: str | Path, name: str = "market1501") -> ReidData:
+    """Market-1501 / DukeMTMC-reID: bounding_box_train/, query/, bounding_box_test/."""
+    root = _require_dir(Path(root), name)
+    train = _parse_pid_cam_folder(root / "bounding_box_train", name, keep_distractors=False)
+    query = _parse_pid_cam_folder(root / "query", name, keep_distractors=False)
+    gallery = _parse_pid_cam_folder(root / "bounding_box_test", name, keep_distractors=True)
+    return ReidData(name, relabel(train), query, gallery)
+
+
+def load_msmt17(root: str | Path) -> ReidData:
+    """MSMT17: train/ and test/ with list_{train,val,query,gallery}.txt of '<rel path> <pid>'."""
+    root = _require_dir(Path(root), "msmt17")
+
+    def read_list(list_name: str, folder: str) -> list[Item]:
+        list_path = root / list_name
+        if not list_path.is_file():
+            raise HanEdgeError(f"msmt17: list file {list_path} not found")
+        items = []
+        for n, line in enumerate(list_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                rel, pid = parts[0], int(parts[1])
+                cam = int(Path(rel).name.split("_")[2]) - 1   # 0000_000_01_0303morning_0015_0.jpg
+            except (IndexError, ValueError):
+                raise HanEdgeError(f"msmt17: cannot parse line {n} of {list_path}: {line!r}") from None
+            items.append((str(root / folder / rel), pid, cam))
+        return items
+
+    _require_dir(root / "train", "msmt17")
+    _require_dir(root / "test", "msmt17")
+    train = read_list("list_train.txt", "train")
+    if (root / "list_val.txt").is_file():
+        train += read_list("list_val.txt", "train")   # the standard protocol trains on train + val
+    return ReidData("msmt17", relabel(train), read_list("list_query.txt", "test"),
+                    read_list("list_gallery.txt", "test"))
+
+
+def load_cuhk03(root: str | Path, labeled: bool = True) -> ReidData:
+    """CUHK03 767/700 protocol: images_{labeled,detected}/ + cuhk03_new_protocol_config_*.mat."""
+    from scipy.io import loadmat
+
+    kind = "labeled" if labeled else "detected"
+    root = _require_dir(Path(root), "cuhk03")
+    images = _require_dir(root / f"images_{kind}", "cuhk03")
+    mat_path = root / f"cuhk03_new_protocol_config_{kind}.mat"
+    if not mat_path.is_file():
+        raise HanEdgeError(f"cuhk03: split file {mat_path} not found (the 767/700 protocol's .mat)")
+    try:
+        mat = loadmat(str(mat_path))
+        files = [str(np.ravel(f)[0]) if not isinstance(f, str) else f for f in np.ravel(mat["filelist"])]
+        labels = np.ravel(mat["labels"]).astype(int)
+        cams = np.ravel(mat["camId"]).astype(int)
+        splits = {k: np.ravel(mat[f"{k}_idx"]).astype(int) - 1 for k in ("train", "query", "gallery")}
+    except (KeyError, ValueError, OSError) as err:
+        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {err}") from None
+
+    def take(key: str) -> list[Item]:
+        return [(str(images / files[i]), int(labels[i]), int(cams[i]) - 1) for i in splits[key]]
+
+    return ReidData(f"cuhk03-{kind}", relabel(take("train")), take("query"), take("gallery"))
+
+
+def load_image_folder(root: str | Path) -> ReidData:
+    """Generic layout: {train,query,gallery}/<pid>/<name containing c<cam>>.<ext>."""
+    root = _require_dir(Path(root), "imagefolder")
+    cam_re = re.compile(r"c(\d+)")
+
+    def split(name: str) -> list[Item]:
+        folder = _require_dir(root / name, "imagefolder")
+        items = []
+        for pid_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if not pid_dir.name.lstrip("-").isdigit():
+                raise HanEdgeError(f"imagefolder: identity folder {pid_dir} is not a number")
+            for path in _images(pid_dir):
+                match = cam_re.search(path.stem)
+                if not match:
+                    raise HanEdgeError(f"imagefolder: no camera (c<N>) in file name {path.name}")
+                items.append((str(path), int(pid_dir.name), int(match.group(1)) - 1))
+        if not items:
+            raise HanEdgeError(f"imagefolder: no images in {folder}")
+        return items
+
+    return ReidData("imagefolder", relabel(split("train")), split("query"), split("gallery"))
+
+
+DATASETS = {
+    "market1501": lambda root: load_market_layout(root, "market1501"),
+    "dukemtmc": lambda root: load_market_layout(root, "dukemtmc"),
+    "msmt17": load_msmt17,
+    "cuhk03": lambda root: load_cuhk03(root, labeled=True),
+    "cuhk03-detected": lambda root: load_cuhk03(root, labeled=False),
+    "imagefolder": load_image_folder,
+}
+
+DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
+
+
+def load_dataset(name: str, root: str | Path | None) -> ReidData:
+    """Parse a dataset by name; ``synthetic`` generates (once) and reads a Market-layout set."""
+    if name == "synthetic":
+        from han_edge.synthetic import ensure_synthetic
+
+        return load_market_layout(ensure_synthetic(root or DEFAULT_SYNTHETIC_ROOT), "synthetic")
+    if name not in DATASETS:
+        raise HanEdgeError(f"unknown dataset {name!r}; choose one of synthetic, {', '.join(DATASETS)}")
+    if root is None:
+        raise HanEdgeError(f"dataset {name} needs --root DIR (the extracted dataset folder)")
+    return DATASETS[name](root)

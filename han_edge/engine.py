@@ -1,0 +1,195 @@
+"""TensorRT engines: build a `.plan` from an exported ONNX, load it, run it on device buffers.
+
+Written to the TensorRT 10 and 11 Python APIs with one code path: networks are strongly typed
+(the flag is required on 10.x and accepted on 11.x), precision comes from the ONNX (FP16 tensors,
+Q/DQ nodes), never from the removed ``BuilderFlag.FP16/INT8``. The model metadata and the
+TensorRT version / GPU the engine was built for are stored beside it in ``<engine>.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from han_edge.config import HANConfig, config_from_metadata
+from han_edge.errors import HanEdgeError, MissingDependencyError
+
+TRT_HINT = ("install TensorRT 10 or 11 with its Python bindings (x86-64: pip install tensorrt; Jetson: it ships "
+            "with JetPack) on a machine with an NVIDIA GPU; the exported .onnx files run on CPU with ONNX Runtime")
+
+
+def require_tensorrt():
+    """The tensorrt module, or one sentence saying what is missing and how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise MissingDependencyError(f"building or running a TensorRT engine needs TensorRT, which is not "
+                                     f"installed here: {TRT_HINT}") from None
+    major = int(tensorrt.__version__.split(".")[0])
+    if major < 10:
+        raise MissingDependencyError(f"TensorRT {tensorrt.__version__} is too old; han-edge needs 10.x or 11.x")
+    return tensorrt
+
+
+def side_file(engine_path: str | Path) -> Path:
+    return Path(str(engine_path) + ".json")
+
+
+def read_engine_metadata(engine_path: str | Path) -> dict:
+    path = side_file(engine_path)
+    if not Path(engine_path).is_file():
+        raise HanEdgeError(f"engine {engine_path} not found")
+    if not path.is_file():
+        raise HanEdgeError(f"engine {engine_path} has no metadata file {path.name}; rebuild it with `han-edge export`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HanEdgeError(f"engine metadata {path} is corrupt: {err}") from None
+
+
+@dataclass
+class BuildOptions:
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 64
+    workspace_mib: int = 1024
+    timing_cache: Path | None = None
+
+
+class _Progress:
+    """Adapts TensorRT's IProgressMonitor callbacks to a simple ``report(phase, step, steps)``."""
+
+    def __new__(cls, trt, report):
+        class Monitor(trt.IProgressMonitor):
+            def __init__(self):
+                trt.IProgressMonitor.__init__(self)
+                self.steps = {}
+
+            def phase_start(self, phase_name, parent_phase, num_steps):
+                self.steps[phase_name] = num_steps
+                report(phase_name, 0, num_steps)
+
+            def step_complete(self, phase_name, step):
+                report(phase_name, step + 1, self.steps.get(phase_name, step + 1))
+                return True   # False would cancel the build
+
+            def phase_finish(self, phase_name):
+                report(phase_name, self.steps.get(phase_name, 1), self.steps.get(phase_name, 1))
+
+        return Monitor()
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildOptions | None = None,
+                 report=None) -> Path:
+    """Compile an exported ONNX into a serialized engine plus its metadata side file."""
+    from han_edge.cuda import device_description
+    from han_edge.export import load_onnx, onnx_metadata
+
+    options = options or BuildOptions()
+    trt = require_tensorrt()
+    device = device_description()        # raises the CuPy/GPU sentence when there is no GPU
+    meta = onnx_metadata(load_onnx(onnx_path))
+    config, precision = config_from_metadata(meta, str(onnx_path))
+    if not options.min_batch <= options.opt_batch <= options.max_batch:
+        raise HanEdgeError(f"batch sizes must satisfy min <= opt <= max, got {options.min_batch}, "
+                           f"{options.opt_batch}, {options.max_batch}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise HanEdgeError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    build_config = builder.create_builder_config()
+    build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    height, width = config.input_size
+    profile = builder.create_optimization_profile()
+    profile.set_shape("images", (options.min_batch, 3, height, width), (options.opt_batch, 3, height, width),
+                      (options.max_batch, 3, height, width))
+    build_config.add_optimization_profile(profile)
+    cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
+    timing_cache = build_config.create_timing_cache(cache_bytes)
+    build_config.set_timing_cache(timing_cache, ignore_mismatch=True)
+    if report is not None:
+        monitor = _Progress(trt, report)
+        build_config.progress_monitor = monitor
+    serialized = builder.build_serialized_network(network, build_config)
+    if serialized is None:
+        raise HanEdgeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+    engine_path = Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(engine_path, bytes(serialized))
+    if options.timing_cache:
+        _atomic_write(options.timing_cache, bytes(build_config.get_timing_cache().serialize()))
+    side = {"metadata": meta, "precision": precision, "tensorrt": trt.__version__, **device,
+            "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
+            "source_onnx": str(onnx_path)}
+    _atomic_write(side_file(engine_path), json.dumps(side, indent=2).encode())
+    return engine_path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class TensorRTModel:
+    """A deserialised engine with one execution context, run with device pointers on a CuPy stream."""
+
+    def __init__(self, engine_path: str | Path):
+        side = read_engine_metadata(engine_path)
+        self.config, self.precision = config_from_metadata(side["metadata"], str(engine_path))
+        trt = require_tensorrt()
+        from han_edge.cuda import device_description, require_cupy
+
+        cp = require_cupy()
+        here = {"tensorrt": trt.__version__, **device_description()}
+        built = {k: side.get(k) for k in here}
+        if built != here:
+            raise HanEdgeError(f"engine {engine_path} was built for TensorRT {built['tensorrt']} on {built['gpu']} "
+                               f"(sm {built['compute_capability']}) but this is TensorRT {here['tensorrt']} on "
+                               f"{here['gpu']} (sm {here['compute_capability']}); rebuild it here with "
+                               f"`han-edge export --engine-only`")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise HanEdgeError(f"TensorRT {trt.__version__} cannot deserialize {engine_path}: corrupt file or "
+                               "built by another TensorRT version")
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = self._io_names(trt)
+        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.max_batch = int(max_shape[0])
+        self.profile_batches = tuple(int(s[0]) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self._output = cp.empty((self.max_batch, self.config.feature_dim), cp.float32)
+        self._cp = cp
+
+    def _io_names(self, trt) -> tuple[str, str]:
+        inputs, outputs = [], []
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise HanEdgeError(f"engine has inputs {inputs} and outputs {outputs}; expected one of each")
+        return inputs[0], outputs[0]
+
+    def infer_device(self, batch):
+        """(n, 3, H, W) float32 CuPy array -> (n, 1024) CuPy view of the output buffer."""
+        cp = self._cp
+        n = batch.shape[0]
+        if n > self.max_batch:
+            raise HanEdgeError(f"batch of {n} exceeds the engine's maximum batch {self.max_batch}")
+        batch = cp.ascontiguousarray(batch, dtype=cp.float32)
+        self.context.set_input_shape(self.input_name, tuple(batch.shape))
+        self.context.set_tensor_address(self.input_name, batch.data.ptr)
+        self.context.set_tensor_address(self.output_name, self._output.data.ptr)
+        caller = cp.cuda.get_current_stream()
+        self.stream.wait_event(caller.record())       # input written on the caller's stream
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise HanEdgeError("TensorRT execution failed (see the log above)")
+        caller.wait_event(self.stream.record())       # caller reads the output after the engine ran
+        return self._output[:n]

@@ -1,0 +1,141 @@
+"""Training: multi-branch softmax cross-entropy with SGD as in Section 4, scaled to a few epochs."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from han_edge.checkpoint import load_checkpoint, save_checkpoint
+from han_edge.config import HANConfig, get_config
+from han_edge.data import Item
+from han_edge.errors import HanEdgeError
+from han_edge.model import HAN
+from han_edge.preprocess import images_to_batch, load_image
+
+# Section 4: 300 epochs, lr x0.1 at 100, 200, 250 -> the same fractions of any epoch budget.
+MILESTONE_FRACTIONS = (1 / 3, 2 / 3, 5 / 6)
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 3e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    flip: bool = False
+    random_erasing: bool = False
+    seed: int = 0
+    workers: int = 0
+
+
+class ReidImages(Dataset):
+    """(image tensor, label) pairs, pre-processed by the same sampling code the runtime uses."""
+
+    def __init__(self, items: list[Item], config: HANConfig, options: TrainOptions | None = None):
+        self.items, self.config = items, config
+        self.options = options or TrainOptions()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, pid, _ = self.items[index]
+        x = torch.from_numpy(images_to_batch([load_image(path)], self.config.input_size,
+                                             self.config.mean, self.config.std)[0])
+        if self.options.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        if self.options.random_erasing:
+            x = random_erase(x)
+        return x, pid
+
+
+def random_erase(x: torch.Tensor, p: float = 0.5, area=(0.02, 0.4), aspect=(0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017b): one rectangle of noise, the paper's "RE" option."""
+    if torch.rand(()) >= p:
+        return x
+    _, h, w = x.shape
+    for _ in range(10):
+        target = float(torch.empty(()).uniform_(*area)) * h * w
+        ratio = float(torch.empty(()).uniform_(*aspect))
+        eh, ew = int(round((target * ratio) ** 0.5)), int(round((target / ratio) ** 0.5))
+        if 0 < eh < h and 0 < ew < w:
+            y0, x0 = int(torch.randint(0, h - eh, ())), int(torch.randint(0, w - ew, ()))
+            x = x.clone()
+            x[:, y0:y0 + eh, x0:x0 + ew] = torch.randn(3, eh, ew)
+            return x
+    return x
+
+
+def branch_loss(out: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the global- and local-branch cross-entropies (Eq. 2 per branch, Section 3.1)."""
+    return F.cross_entropy(out["global_logits"], labels) + F.cross_entropy(out["local_logits"], labels)
+
+
+def make_optimizer(model: HAN, options: TrainOptions):
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum,
+                                weight_decay=options.weight_decay)
+    milestones = sorted({max(1, round(options.epochs * f)) for f in MILESTONE_FRACTIONS})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return optimizer, scheduler
+
+
+def train(train_items: list[Item], num_classes: int, out: str | Path, variant: str = "small",
+          options: TrainOptions | None = None, resume: str | Path | None = None, dataset_name: str = "",
+          progress=None) -> dict:
+    """Train (or resume) and write the checkpoint after every epoch; returns a summary."""
+    options = options or TrainOptions()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    start_epoch = 0
+    if resume:
+        state = load_checkpoint(resume)
+        config = HANConfig.from_dict(state["config"])
+        if state["num_classes"] != num_classes:
+            raise HanEdgeError(f"checkpoint {resume} was trained on {state['num_classes']} identities, "
+                               f"this dataset has {num_classes}")
+        model = HAN(config, num_classes)
+        model.load_state_dict(state["state_dict"])
+    else:
+        config = get_config(variant)
+        model = HAN(config, num_classes)
+    model.to(device).train()
+    optimizer, scheduler = make_optimizer(model, options)
+    generator = torch.Generator().manual_seed(options.seed)
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"]
+        generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+    if len(train_items) < options.batch_size:
+        raise HanEdgeError(f"only {len(train_items)} training images; need at least one batch of {options.batch_size}")
+    loader = DataLoader(ReidImages(train_items, config, options), batch_size=options.batch_size, shuffle=True,
+                        drop_last=True, num_workers=options.workers, generator=generator)
+    history = []
+    for epoch in range(start_epoch, options.epochs):
+        seen, loss_sum, started = 0, 0.0, time.perf_counter()
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            loss = branch_loss(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(labels)
+            loss_sum += loss.detach().item() * len(labels)
+            if progress:
+                progress(epoch=epoch + 1, epochs=options.epochs, loss=loss_sum / seen,
+                         rate=seen / (time.perf_counter() - started), advance=len(labels))
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "loss": loss_sum / seen,
+                        "images_per_s": seen / (time.perf_counter() - started)})
+        save_checkpoint(out, model, config, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), loader_rng=generator.get_state(),
+                        torch_rng=torch.get_rng_state(), dataset=dataset_name, history=history)
+    return {"checkpoint": str(out), "variant": config.variant, "device": str(device), "history": history}
