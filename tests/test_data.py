@@ -1,0 +1,123 @@
+import cv2
+import numpy as np
+import pytest
+
+from han_edge.data import (load_cuhk03, load_dataset, load_image_folder, load_market_layout, load_msmt17)
+from han_edge.errors import HanEdgeError
+from han_edge.preprocess import load_image
+from han_edge.synthetic import generate
+
+
+def write_image(path, value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((16, 8, 3), value, np.uint8))
+
+
+@pytest.mark.parametrize("name,pattern", [("market1501", "{pid:04d}_c{cam}s1_000451_0{k}.jpg"),
+                                          ("dukemtmc", "{pid:04d}_c{cam}_f00461{k}.jpg")])
+def test_market_and_duke_layouts(tmp_path, name, pattern):
+    for pid, cam, k in [(2, 1, 1), (2, 2, 2), (7, 3, 1), (7, 1, 2)]:
+        write_image(tmp_path / "bounding_box_train" / pattern.format(pid=pid, cam=cam, k=k))
+    write_image(tmp_path / "query" / pattern.format(pid=9, cam=1, k=1))
+    write_image(tmp_path / "bounding_box_test" / pattern.format(pid=9, cam=2, k=1))
+    write_image(tmp_path / "bounding_box_test" / pattern.format(pid=0, cam=2, k=3))     # distractor: kept
+    write_image(tmp_path / "bounding_box_test" / ("-1" + pattern.format(pid=1, cam=2, k=4)[4:]))  # junk: dropped
+    data = load_dataset(name, tmp_path)
+    assert data.num_train_pids == 2
+    assert sorted({pid for _, pid, _ in data.train}) == [0, 1]            # relabelled
+    assert sorted(cam for _, _, cam in data.train) == [0, 0, 1, 2]        # 0-based cameras
+    assert data.query[0][1:] == (9, 0)
+    assert sorted(pid for _, pid, _ in data.gallery) == [0, 9]
+
+
+def test_bad_file_name_and_missing_folders(tmp_path):
+    with pytest.raises(HanEdgeError, match="not found"):
+        load_market_layout(tmp_path / "nope")
+    write_image(tmp_path / "bounding_box_train" / "holiday.jpg")
+    (tmp_path / "query").mkdir()
+    (tmp_path / "bounding_box_test").mkdir()
+    with pytest.raises(HanEdgeError, match="cannot parse pid/camera from file name holiday.jpg"):
+        load_market_layout(tmp_path)
+    (tmp_path / "bounding_box_train" / "holiday.jpg").unlink()
+    with pytest.raises(HanEdgeError, match="no images"):
+        load_market_layout(tmp_path)
+
+
+def test_msmt17_layout(tmp_path):
+    lines = {"train": [("0000/0000_000_01_0303morning_0015_0.jpg", 0), ("0001/0001_005_03_0303noon_0010_1.jpg", 1)],
+             "val": [("0002/0002_001_02_0303noon_0011_0.jpg", 2)],
+             "query": [("0005/0005_000_04_0303noon_0002_0.jpg", 5)],
+             "gallery": [("0005/0005_004_07_0303noon_0001_0.jpg", 5)]}
+    for split, rows in lines.items():
+        folder = "train" if split in ("train", "val") else "test"
+        for rel, _ in rows:
+            write_image(tmp_path / folder / rel)
+        (tmp_path / f"list_{split}.txt").write_text("".join(f"{rel} {pid}\n" for rel, pid in rows))
+    data = load_msmt17(tmp_path)
+    assert data.num_train_pids == 3
+    assert [c for _, _, c in data.train] == [0, 2, 1]
+    assert data.query[0][1:] == (5, 3) and data.gallery[0][1:] == (5, 6)
+    (tmp_path / "list_query.txt").write_text("garbage\n")
+    with pytest.raises(HanEdgeError, match="cannot parse line 1"):
+        load_msmt17(tmp_path)
+
+
+def test_cuhk03_new_protocol(tmp_path):
+    from scipy.io import savemat
+
+    names = [f"1_00{pid}_{cam}_0{k}.png" for pid, cam, k in [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (3, 1, 1), (3, 2, 1)]]
+    for name in names:
+        write_image(tmp_path / "images_labeled" / name)
+    savemat(str(tmp_path / "cuhk03_new_protocol_config_labeled.mat"), {
+        "filelist": np.array(names, dtype=object).reshape(-1, 1), "labels": np.array([[1], [1], [2], [2], [3], [3]]),
+        "camId": np.array([[1], [2], [1], [2], [1], [2]]), "train_idx": np.array([[1], [2], [3], [4]]),
+        "query_idx": np.array([[5]]), "gallery_idx": np.array([[6]])})
+    data = load_cuhk03(tmp_path)
+    assert data.num_train_pids == 2
+    assert data.query[0][0].endswith(names[4]) and data.query[0][1:] == (3, 0)
+    (tmp_path / "images_detected").mkdir()
+    with pytest.raises(HanEdgeError, match="split file"):
+        load_cuhk03(tmp_path, labeled=False)
+
+
+def test_image_folder_layout(tmp_path):
+    for split in ("train", "query", "gallery"):
+        write_image(tmp_path / split / "12" / "frame_c3_0001.png")
+        write_image(tmp_path / split / "40" / "x_c1.jpg")
+    data = load_image_folder(tmp_path)
+    assert data.num_train_pids == 2 and {c for *_, c in data.query} == {0, 2}
+    write_image(tmp_path / "train" / "12" / "nocam.png")
+    with pytest.raises(HanEdgeError, match="no camera"):
+        load_image_folder(tmp_path)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    bad = tmp_path / "0001_c1s1_000001_00.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(HanEdgeError, match="0001_c1s1_000001_00.jpg"):
+        load_image(bad)
+
+
+def test_synthetic_set_is_deterministic_and_market_layout(tmp_path):
+    a = generate(tmp_path / "a", seed=3, train_ids=4, test_ids=3, distractors=2)
+    b = generate(tmp_path / "b", seed=3, train_ids=4, test_ids=3, distractors=2)
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.jpg"))
+    assert all((cv2.imread(str(a / f)) == cv2.imread(str(b / f))).all() for f in files_a[:10])
+    data = load_market_layout(a)
+    assert data.num_train_pids == 4
+    assert {pid for _, pid, _ in data.query} == {5, 6, 7}
+    assert 0 in {pid for _, pid, _ in data.gallery}        # distractors present, junk dropped
+    # every test identity is seen by at least two cameras: queries have cross-camera matches
+    for pid in {5, 6, 7}:
+        assert len({c for _, p, c in data.query + data.gallery if p == pid}) >= 2
+    c = generate(tmp_path / "c", seed=4, train_ids=4, test_ids=3, distractors=2)
+    assert sorted(p.relative_to(c) for p in c.rglob("*.jpg")) != files_a or \
+        not (cv2.imread(str(c / files_a[0])) == cv2.imread(str(a / files_a[0]))).all()
+
+
+def test_unknown_dataset_and_missing_root():
+    with pytest.raises(HanEdgeError, match="unknown dataset"):
+        load_dataset("imagenet", None)
+    with pytest.raises(HanEdgeError, match="needs --root"):
+        load_dataset("market1501", None)
