@@ -162,7 +162,11 @@ DATASETS = {
     "imagefolder": load_image_folder,
 }
 
-DEFAULT_SYNTHETIC_ROOT = Path("data/synthetic")
+def default_synthetic_root() -> Path:
+    """Where the synthetic set lives unless --root says otherwise ($HAN_EDGE_SYNTHETIC or data/synthetic)."""
+    import os
+
+    return Path(os.environ.get("HAN_EDGE_SYNTHETIC", "data/synthetic"))
 
 
 def load_dataset(name: str, root: str | Path | None) -> ReidData:
@@ -170,7 +174,7 @@ def load_dataset(name: str, root: str | Path | None) -> ReidData:
     if name == "synthetic":
         from han_edge.synthetic import ensure_synthetic
 
-        return load_market_layout(ensure_synthetic(root or DEFAULT_SYNTHETIC_ROOT), "synthetic")
+        return load_market_layout(ensure_synthetic(root or default_synthetic_root()), "synthetic")
     if name not in DATASETS:
         raise HanEdgeError(f"unknown dataset {name!r}; choose one of synthetic, {', '.join(DATASETS)}")
     if root is None:

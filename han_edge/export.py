@@ -6,7 +6,10 @@ checked here with ONNX Runtime; TensorRT (``engine``) only compiles them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import json
 import os
 import warnings
@@ -254,7 +257,8 @@ def quantize(fp32_path: Path, out_path: Path, calib_batch: np.ndarray, flavour: 
         "CalibPercentile": 99.999,
         "CalibTensorRangeSymmetric": flavour.activation_symmetric,
     }
-    with warnings.catch_warnings():
+    # ORT prints calibration chatter and pre-processing advice through print() and the root logger.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
         warnings.simplefilter("ignore")
         quantize_static(
             str(fp32_path), str(out_path), ImageReader(calib_batch), quant_format=QuantFormat.QDQ,
@@ -263,6 +267,17 @@ def quantize(fp32_path: Path, out_path: Path, calib_batch: np.ndarray, flavour: 
             weight_type=QuantType.QInt8, nodes_to_exclude=exclude_nodes, calibrate_method=methods[method],
             extra_options=extra, calibration_cache_path=str(cache_path))
     return out_path
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @dataclass
@@ -373,11 +388,11 @@ class ExportOptions:
 
 def calibration_paths(calib_dir: str | None, size: int, seed: int = 0) -> list[str]:
     """Up to ``size`` images from ``calib_dir`` (default: the synthetic set's training images)."""
-    from han_edge.data import DEFAULT_SYNTHETIC_ROOT, IMAGE_SUFFIXES
+    from han_edge.data import default_synthetic_root, IMAGE_SUFFIXES
     from han_edge.synthetic import ensure_synthetic
 
     if calib_dir is None:
-        folder = ensure_synthetic(DEFAULT_SYNTHETIC_ROOT) / "bounding_box_train"
+        folder = ensure_synthetic(default_synthetic_root()) / "bounding_box_train"
     else:
         folder = Path(calib_dir)
         if not folder.is_dir():
@@ -391,10 +406,9 @@ def calibration_paths(calib_dir: str | None, size: int, seed: int = 0) -> list[s
 
 def heldout_paths(limit: int = 256) -> list[str]:
     """Images never used for calibration: the synthetic set's query + gallery, for accuracy checks."""
-    from han_edge.data import DEFAULT_SYNTHETIC_ROOT, load_market_layout
-    from han_edge.synthetic import ensure_synthetic
+    from han_edge.data import load_dataset
 
-    data = load_market_layout(ensure_synthetic(DEFAULT_SYNTHETIC_ROOT), "synthetic")
+    data = load_dataset("synthetic", None)
     items = [p for p, pid, _ in data.query + data.gallery if pid > 0]
     return items[:: max(1, len(items) // limit)][:limit]
 
@@ -444,8 +458,26 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
         got = run_ort(ort_session(int8_path), held)
         report.centred_cosine = centred_cosine(reference, got)
         report.neighbour_agreement = neighbour_agreement(reference, got)
-        result["int8"] = {"path": str(int8_path), **report.__dict__}
+        result["int8"] = {"path": str(int8_path), **report.__dict__,
+                          "retrieval": compare_retrieval(fp32_path, int8_path)}
         log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
             f"{report.neighbour_agreement:.3f}, kept in float: {', '.join(report.excluded_groups) or 'none'}"
             f"{' (calibration cache reused)' if report.cache_reused else ''}")
+        r = result["int8"]["retrieval"]
+        log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
+            f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f}")
     return result
+
+
+def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
+    """Rank-1/mAP of two exported models on the synthetic test set (same code path as `han-edge eval`)."""
+    from han_edge.data import load_dataset
+    from han_edge.evaluate import evaluate_model
+
+    data = load_dataset("synthetic", None)
+    keys = ("rank1", "rank5", "mAP")
+    out = {}
+    for name, path in (("fp32", fp32_path), ("int8", other_path)):
+        metrics = evaluate_model(path, data)
+        out[name] = {k: metrics[k] for k in keys}
+    return out

@@ -87,14 +87,14 @@ def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> l
     from rich.table import Table
 
     from han_edge.cuda import gpu_available
-    from han_edge.data import DEFAULT_SYNTHETIC_ROOT, load_dataset
+    from han_edge.data import default_synthetic_root, load_dataset
     from han_edge.evaluate import evaluate_rank
     from han_edge.export import ExportOptions, export_all
     from han_edge.profile import measure_throughput
     from han_edge.train import TrainOptions, train
 
     workdir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]1/4[/] synthetic re-id set in {DEFAULT_SYNTHETIC_ROOT}")
+    console.print(f"[bold]1/4[/] synthetic re-id set in {default_synthetic_root()}")
     data = load_dataset("synthetic", None)
     checkpoint = workdir / "han_small.pt"
     console.print(f"[bold]2/4[/] training HAN(Small) for {epochs} epochs on {len(data.train)} images")

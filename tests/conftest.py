@@ -36,3 +36,33 @@ def fresh_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "han_small.onnx"
     export_fp32(model, model.config, path)
     return model, path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The default synthetic set, generated once into a temporary folder for the whole session."""
+    import os
+
+    root = tmp_path_factory.mktemp("synthetic") / "set"
+    os.environ["HAN_EDGE_SYNTHETIC"] = str(root)
+    from han_edge.synthetic import ensure_synthetic
+
+    ensure_synthetic(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, synthetic_root):
+    """HAN(Small) briefly trained (4 epochs, 320 images) on the synthetic set.
+
+    Quantisation accuracy is only meaningful on a trained network: fresh weights map every
+    image to nearly the same feature, where any quantisation looks perfect.
+    """
+    from han_edge.data import load_dataset
+    from han_edge.train import TrainOptions, train
+
+    data = load_dataset("synthetic", None)
+    subset = [item for item in data.train if item[1] < 40]
+    path = tmp_path_factory.mktemp("ck") / "han_small.pt"
+    train(subset, 40, path, "small", TrainOptions(epochs=4))
+    return path
