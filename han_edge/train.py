@@ -77,8 +77,19 @@ def branch_loss(out: dict, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out["global_logits"], labels) + F.cross_entropy(out["local_logits"], labels)
 
 
+# The hard-attention FC gets the loss gradient summed over every sampled pixel of the crops it
+# places; at the backbone's lr 3e-2 its translations saturate at +-1 within an epoch (regions
+# pushed half outside the image, the local branch then learns from padding). As for spatial
+# transformers' localisation nets, it learns at a reduced rate.
+HARD_ATTENTION_LR_SCALE = 0.01
+
+
 def make_optimizer(model: HAN, options: TrainOptions):
-    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum,
+    hard = [p for name, p in model.named_parameters() if ".hard." in name]
+    hard_ids = {id(p) for p in hard}
+    rest = [p for p in model.parameters() if id(p) not in hard_ids]
+    groups = [{"params": rest}, {"params": hard, "lr": options.lr * HARD_ATTENTION_LR_SCALE}]
+    optimizer = torch.optim.SGD(groups, lr=options.lr, momentum=options.momentum,
                                 weight_decay=options.weight_decay)
     milestones = sorted({max(1, round(options.epochs * f)) for f in MILESTONE_FRACTIONS})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)

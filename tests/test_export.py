@@ -169,7 +169,9 @@ def test_cli_export_without_tensorrt(tmp_path, synthetic_root):
     assert "needs TensorRT" in result.output and "Traceback" not in result.output
     assert (tmp_path / "export" / "han_small.onnx").is_file() and (tmp_path / "export" / "han_small.int8.onnx").is_file()
     load_onnx(tmp_path / "export" / "han_small.int8.onnx")               # still valid
-    result = runner.invoke(app, args + ["--no-engine"])
+    fp32_only = ["export", "--no-engine", "--out", str(tmp_path / "fp32")]
+    result = runner.invoke(app, fp32_only)
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "fp32" / "han_small.onnx").is_file()
     result = runner.invoke(app, ["inspect", str(tmp_path / "export" / "han_small.int8.onnx")])
     assert result.exit_code == 0 and "int8" in result.output and "QuantizeLinear" in result.output
