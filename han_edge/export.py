@@ -295,7 +295,7 @@ class Int8Report:
 
 def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray, heldout_batch: np.ndarray,
                 flavour: str = "tensorrt", method: str = "percentile", exclude: list[str] | None = None,
-                target: float = 0.98, max_excluded: int = 8, progress=None) -> Int8Report:
+                target: float = 0.99, max_excluded: int = 8, progress=None) -> Int8Report:
     """Calibrated INT8 Q/DQ model; layer groups that hurt most stay in float (sensitivity analysis).
 
     ``exclude`` (group names from ``layer_groups``) overrides the analysis.
