@@ -1,4 +1,4 @@
-"""Command-line interface: `han-edge train | eval | export | inspect | embed | match | bench | profile | visualize | demo`."""
+"""Command-line interface: `han-edge train | eval | export | build | inspect | embed | match | bench | profile | visualize | demo`."""
 from __future__ import annotations
 
 import json
@@ -46,7 +46,7 @@ def _jsonable(value):
 def train(
     dataset: str = typer.Option("synthetic", help="synthetic, market1501, dukemtmc, msmt17, cuhk03, cuhk03-detected, imagefolder"),
     root: Optional[Path] = typer.Option(None, help="dataset folder (synthetic: where to generate it; default data/synthetic)"),
-    variant: str = typer.Option("small", help="small, medium or large (Table 1)"),
+    variant: Optional[str] = typer.Option(None, help="small, medium or large (Table 1); default small, or the --resume checkpoint's"),
     epochs: int = typer.Option(12, help="epoch budget; lr milestones at 1/3, 2/3, 5/6 of it (paper: 300)"),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(3e-2),
@@ -155,10 +155,23 @@ def export(
     key = "int8" if int8 else ("fp16" if fp16 else None)
     source = Path(result[key]["path"]) if key else Path(result["fp32"])
     suffix = {"int8": ".int8.plan", "fp16": ".fp16.plan"}.get(key, ".plan")
-    build(source, engines / f"han_{variant}{suffix}", opt_batch, max_batch, workspace, engines / "timing.cache")
+    compile_engine(source, engines / f"han_{variant}{suffix}", opt_batch, max_batch, workspace, engines / "timing.cache")
 
 
-def build(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch: int, workspace: int, cache: Path) -> None:
+@app.command("build")
+def build_command(
+    onnx_path: Path = typer.Argument(..., help="an ONNX file written by `han-edge export`"),
+    engine: Optional[Path] = typer.Option(None, help="output .plan (default: engines/<onnx name>.plan)"),
+    max_batch: int = typer.Option(64),
+    opt_batch: int = typer.Option(32),
+    workspace: int = typer.Option(1024, help="TensorRT workspace limit in MiB"),
+):
+    """Compile an exported ONNX into a TensorRT engine on this machine (e.g. on the Jetson: no PyTorch needed)."""
+    engine = engine or Path("engines") / (onnx_path.name.removesuffix(".onnx") + ".plan")
+    compile_engine(onnx_path, engine, opt_batch, max_batch, workspace, engine.parent / "timing.cache")
+
+
+def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch: int, workspace: int, cache: Path) -> None:
     from han_edge.engine import BuildOptions, build_engine
 
     options = BuildOptions(opt_batch=min(opt_batch, max_batch), max_batch=max_batch, workspace_mib=workspace,

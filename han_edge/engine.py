@@ -151,8 +151,8 @@ class TensorRTModel:
         if built != here:
             raise HanEdgeError(f"engine {engine_path} was built for TensorRT {built['tensorrt']} on {built['gpu']} "
                                f"(sm {built['compute_capability']}) but this is TensorRT {here['tensorrt']} on "
-                               f"{here['gpu']} (sm {here['compute_capability']}); rebuild it here with "
-                               f"`han-edge export --engine-only`")
+                               f"{here['gpu']} (sm {here['compute_capability']}); rebuild it on this machine with "
+                               f"`han-edge build {side.get('source_onnx', 'MODEL.onnx')}`")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())

@@ -42,6 +42,7 @@ class Gallery:
         self._feats = self.xp.zeros((max(capacity, 1), dim), self.xp.float32)
         self._ids = np.zeros(max(capacity, 1), np.int64)
         self._cams = np.zeros(max(capacity, 1), np.int64)
+        self._sq_norms = self.xp.zeros(max(capacity, 1), self.xp.float32)   # cached: not recomputed per search
         self._size = 0
         self._lock = threading.Lock()
         self._faiss = None
@@ -53,6 +54,8 @@ class Gallery:
     def add(self, ids, feats, cams=None) -> None:
         """Append features with their identity ids (and camera ids, -1 when unknown)."""
         ids = np.asarray(ids, np.int64).ravel()
+        if self.xp is np:
+            feats = _to_numpy(feats)     # features computed on the GPU, gallery on the host
         feats = self.xp.asarray(feats, dtype=self.xp.float32)
         if feats.ndim != 2 or feats.shape[1] != self.dim:
             raise HanEdgeError(f"gallery holds {self.dim}-D features, got an array of shape {tuple(feats.shape)}")
@@ -69,6 +72,7 @@ class Gallery:
                 self._grow(end)
             # Rows past the current size are invisible to readers' snapshots: safe to write in place.
             self._feats[n:end] = feats
+            self._sq_norms[n:end] = (feats * feats).sum(1)
             self._ids[n:end] = ids
             self._cams[n:end] = cams
             self._size = end
@@ -79,9 +83,11 @@ class Gallery:
         capacity = max(needed, 2 * len(self._ids))   # doubling: amortised O(1) copies per add
         feats = self.xp.zeros((capacity, self.dim), self.xp.float32)
         feats[:self._size] = self._feats[:self._size]
+        sq_norms = self.xp.zeros(capacity, self.xp.float32)
+        sq_norms[:self._size] = self._sq_norms[:self._size]
         ids, cams = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
         ids[:self._size], cams[:self._size] = self._ids[:self._size], self._cams[:self._size]
-        self._feats, self._ids, self._cams = feats, ids, cams
+        self._feats, self._ids, self._cams, self._sq_norms = feats, ids, cams, sq_norms
 
     def remove(self, ids) -> int:
         """Remove every entry of the given identity ids; returns how many were removed."""
@@ -95,9 +101,12 @@ class Gallery:
             capacity = len(self._ids)
             feats = self.xp.zeros((capacity, self.dim), self.xp.float32)
             feats[:len(keep)] = self._feats[self.xp.asarray(keep)]
+            sq_norms = self.xp.zeros(capacity, self.xp.float32)
+            sq_norms[:len(keep)] = self._sq_norms[self.xp.asarray(keep)]
             ids, cams = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
             ids[:len(keep)], cams[:len(keep)] = self._ids[keep], self._cams[keep]
-            self._feats, self._ids, self._cams, self._size = feats, ids, cams, len(keep)
+            self._feats, self._ids, self._cams, self._sq_norms = feats, ids, cams, sq_norms
+            self._size = len(keep)
             self._faiss = None   # HNSW cannot delete: rebuilt at the next search
         return removed
 
@@ -107,6 +116,12 @@ class Gallery:
             n = self._size
             return self._feats[:n], self._ids[:n], self._cams[:n]
 
+    def _search_view(self):
+        """Features, ids, cameras and cached squared norms of one consistent moment."""
+        with self._lock:
+            n = self._size
+            return self._feats[:n], self._ids[:n], self._cams[:n], self._sq_norms[:n]
+
     def search(self, queries, k: int = 5, query_cams=None, exclude_same_camera: bool = False):
         """(ids, distances), each (Q, min(k, size)), nearest first.
 
@@ -114,9 +129,11 @@ class Gallery:
         with fewer candidates than k are padded with id -1 and distance inf.
         """
         xp = self.xp
-        feats, ids, cams = self._snapshot()
+        feats, ids, cams, sq_norms = self._search_view()
         if len(ids) == 0:
             raise HanEdgeError("the gallery is empty: add features before searching")
+        if xp is np:
+            queries = _to_numpy(queries)
         queries = xp.asarray(queries, dtype=xp.float32)
         if queries.ndim == 1:
             queries = queries[None]
@@ -129,7 +146,7 @@ class Gallery:
             raise HanEdgeError("exclude_same_camera needs query_cams")
         if self.index == "faiss" and not exclude_same_camera:
             return self._search_faiss(queries, k, ids)
-        dist = self.distances(queries, feats)
+        dist = self.distances(queries, feats, sq_norms)
         if exclude_same_camera:
             same = xp.asarray(np.asarray(query_cams, np.int64).ravel()[:, None] == cams[None, :])
             dist = xp.where(same, xp.inf, dist)
@@ -146,16 +163,18 @@ class Gallery:
         out_ids[~np.isfinite(top_d)] = -1
         return out_ids, top_d
 
-    def distances(self, queries, feats):
-        """(Q, G) distances in the gallery's metric from one GEMM."""
+    def distances(self, queries, feats, sq_norms=None):
+        """(Q, G) distances in the gallery's metric from one GEMM (``sq_norms``: the rows' cached |g|^2)."""
         xp = self.xp
         dots = queries @ feats.T
+        g_sq = (feats * feats).sum(1) if sq_norms is None else sq_norms
+        q_sq = (queries * queries).sum(1)
         if self.metric == "cosine":
-            qn = xp.linalg.norm(queries, axis=1, keepdims=True)
-            gn = xp.linalg.norm(feats, axis=1, keepdims=True)
-            return 1 - dots / xp.maximum(qn * gn.T, 1e-12)
-        sq = (queries * queries).sum(1)[:, None] + (feats * feats).sum(1)[None, :] - 2 * dots
-        return xp.sqrt(xp.maximum(sq, 0))
+            return 1 - dots / xp.maximum(xp.sqrt(q_sq[:, None] * g_sq[None, :]), 1e-12)
+        dots *= -2
+        dots += q_sq[:, None]
+        dots += g_sq[None, :]
+        return xp.sqrt(xp.maximum(dots, 0, out=dots), out=dots)
 
     # -- FAISS -----------------------------------------------------------------------------------------
     def _prepare_faiss(self, feats: np.ndarray) -> np.ndarray:

@@ -11,8 +11,12 @@ def count_cost(variant: str) -> dict:
     which is also the paper's convention for Table 1; elementwise ops, pooling and
     grid_sample are not counted, as in the paper.
     """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:
+        from han_edge.errors import MissingDependencyError
+        raise MissingDependencyError("counting FLOPs builds the PyTorch model: pip install torch") from None
 
     from han_edge.model import build_model, deployed_parameters
 

@@ -96,7 +96,7 @@ def make_optimizer(model: HAN, options: TrainOptions):
     return optimizer, scheduler
 
 
-def train(train_items: list[Item], num_classes: int, out: str | Path, variant: str = "small",
+def train(train_items: list[Item], num_classes: int, out: str | Path, variant: str | None = "small",
           options: TrainOptions | None = None, resume: str | Path | None = None, dataset_name: str = "",
           progress=None) -> dict:
     """Train (or resume) and write the checkpoint after every epoch; returns a summary."""
@@ -108,13 +108,15 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
     if resume:
         state = load_checkpoint(resume)
         config = HANConfig.from_dict(state["config"])
+        if variant is not None and config.variant != variant:
+            raise HanEdgeError(f"checkpoint {resume} holds HAN({config.variant}), not HAN({variant})")
         if state["num_classes"] != num_classes:
             raise HanEdgeError(f"checkpoint {resume} was trained on {state['num_classes']} identities, "
                                f"this dataset has {num_classes}")
         model = HAN(config, num_classes)
         model.load_state_dict(state["state_dict"])
     else:
-        config = get_config(variant)
+        config = get_config(variant or "small")
         model = HAN(config, num_classes)
     model.to(device).train()
     optimizer, scheduler = make_optimizer(model, options)

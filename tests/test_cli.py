@@ -1,0 +1,99 @@
+"""The runtime commands end to end on CPU: embed, match, bench, build, profile cost, train --resume checks."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from han_edge.cli import app
+from han_edge.gallery import Gallery
+
+runner = CliRunner()
+
+
+def test_embed_images_then_match(tmp_path, fresh_onnx, synthetic_root):
+    _, onnx_path = fresh_onnx
+    result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--images", str(synthetic_root / "query"),
+                                 "--out", str(tmp_path / "q.npz")])
+    assert result.exit_code == 0, result.output
+    queries = Gallery.load(tmp_path / "q.npz", dim=1024)
+    _, ids, cams = queries._snapshot()
+    assert len(queries) == len(list((synthetic_root / "query").glob("*.jpg")))
+    assert (ids > 0).all() and (cams >= 0).all()                     # parsed from Market-style names
+    result = runner.invoke(app, ["match", "--gallery", str(tmp_path / "q.npz"), "--query", str(tmp_path / "q.npz"),
+                                 "-k", "3", "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    matches = json.loads((tmp_path / "m.json").read_text())
+    assert np.array(matches["ids"]).shape == (len(queries), 3)
+    assert matches["ids"][0][0] == matches["query_ids"][0]            # each query finds itself first
+
+
+def test_embed_frames_with_boxes_and_video(tmp_path, fresh_onnx):
+    _, onnx_path = fresh_onnx
+    frames = [np.random.default_rng(i).integers(0, 256, (240, 320, 3), dtype=np.uint8) for i in range(3)]
+    (tmp_path / "frames").mkdir()
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(tmp_path / "frames" / f"f{i}.png"), frame)
+    boxes = {"f0.png": [[10, 10, 60, 150], [100, 20, 180, 230]], "f2.png": [[-20, 5, 50, 100]]}
+    (tmp_path / "boxes.json").write_text(json.dumps(boxes))
+    result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--images", str(tmp_path / "frames"),
+                                 "--boxes", str(tmp_path / "boxes.json"), "--out", str(tmp_path / "f.npz")])
+    assert result.exit_code == 0, result.output
+    assert len(Gallery.load(tmp_path / "f.npz")) == 3
+    video = tmp_path / "v.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (320, 240))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    (tmp_path / "vboxes.json").write_text(json.dumps({"0": [[10, 10, 60, 150]], "2": [[0, 0, 100, 200], [5, 5, 50, 90]]}))
+    result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--video", str(video),
+                                 "--boxes", str(tmp_path / "vboxes.json"), "--out", str(tmp_path / "v.npz")])
+    assert result.exit_code == 0, result.output
+    _, ids, _ = Gallery.load(tmp_path / "v.npz")._snapshot()
+    assert ids.tolist() == [0, 2, 2]                                   # frame index as id
+    result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--video", str(video),
+                                 "--out", str(tmp_path / "x.npz")])
+    assert result.exit_code != 0 and "needs --boxes" in str(result.exception)
+
+
+def test_bench_on_onnx(tmp_path, fresh_onnx):
+    _, onnx_path = fresh_onnx
+    result = runner.invoke(app, ["bench", "--engine", str(onnx_path), "--batch", "1,4", "--iters", "3",
+                                 "--gallery-size", "500", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["backend"].startswith("onnxruntime") and report["device"].startswith("cpu")
+    stages = {(r["batch"], r["stage"]) for r in report["rows"]}
+    assert stages == {(b, s) for b in (1, 4) for s in ("preprocess", "inference", "matching", "end_to_end")}
+    for row in report["rows"]:
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["images_per_s"] > 0
+
+
+def test_build_and_bench_plan_without_tensorrt(tmp_path, fresh_onnx):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    _, onnx_path = fresh_onnx
+    result = runner.invoke(app, ["build", str(onnx_path), "--engine", str(tmp_path / "x.plan")])
+    assert result.exit_code == 3 and "needs TensorRT" in result.output
+    plan = tmp_path / "han_small.plan"
+    plan.write_bytes(b"x")
+    (tmp_path / "han_small.plan.json").write_text(json.dumps({"metadata": {}}))
+    result = runner.invoke(app, ["bench", "--engine", str(plan)])
+    assert result.exit_code != 0 and "TensorRT" in str(result.exception)
+
+
+def test_profile_cost_table(fresh_onnx):
+    _, onnx_path = fresh_onnx
+    result = runner.invoke(app, ["profile", "cost", "--model", str(onnx_path), "--batch", "4", "--iters", "2"])
+    assert result.exit_code == 0, result.output
+    assert "small" in result.output and "1.86e+08" in result.output
+
+
+def test_train_resume_of_another_variant_is_refused(tmp_path, trained_checkpoint):
+    result = runner.invoke(app, ["train", "--variant", "large", "--resume", str(trained_checkpoint),
+                                 "--epochs", "5", "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code != 0
+    assert "holds HAN(small), not HAN(large)" in str(result.exception)
