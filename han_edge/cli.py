@@ -332,11 +332,13 @@ def profile_cost(
     batch: int = typer.Option(32),
     iters: int = typer.Option(10),
     eval_json: Optional[Path] = typer.Option(None, help="an `han-edge eval --json` result to show rank-1 from"),
+    as_json: Optional[Path] = typer.Option(None, "--json"),
 ):
     """Cost-effectiveness: MACs and params next to measured ms/image and images/s (and rank-1)."""
     from han_edge.profile import cost_table
 
     rows = cost_table(model, batch, iters, json.loads(eval_json.read_text()) if eval_json else None)
+    write_json(as_json, rows)
     table = Table(title=f"cost-effectiveness at batch {batch}")
     for col in ("model", "variant", "precision", "backend", "MACs", "params", "ms/img", "img/s", "rank-1"):
         table.add_column(col, justify="right")

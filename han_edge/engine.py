@@ -140,9 +140,11 @@ class TensorRTModel:
     """A deserialised engine with one execution context, run with device pointers on a CuPy stream."""
 
     def __init__(self, engine_path: str | Path):
+        if not Path(engine_path).is_file():
+            raise HanEdgeError(f"engine {engine_path} not found")
+        trt = require_tensorrt()     # the first thing a user without TensorRT needs to hear
         side = read_engine_metadata(engine_path)
         self.config, self.precision = config_from_metadata(side["metadata"], str(engine_path))
-        trt = require_tensorrt()
         from han_edge.cuda import device_description, require_cupy
 
         cp = require_cupy()

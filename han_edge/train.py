@@ -132,6 +132,12 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
     loader = DataLoader(ReidImages(train_items, config, options), batch_size=options.batch_size, shuffle=True,
                         drop_last=True, num_workers=options.workers, generator=generator)
     history = []
+
+    def write(epoch: int) -> None:
+        save_checkpoint(out, model, config, epoch=epoch, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), loader_rng=generator.get_state(),
+                        torch_rng=torch.get_rng_state(), dataset=dataset_name, history=history)
+
     for epoch in range(start_epoch, options.epochs):
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
         for images, labels in loader:
@@ -148,7 +154,7 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
         scheduler.step()
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen,
                         "images_per_s": seen / (time.perf_counter() - started)})
-        save_checkpoint(out, model, config, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), loader_rng=generator.get_state(),
-                        torch_rng=torch.get_rng_state(), dataset=dataset_name, history=history)
+        write(epoch + 1)
+    if start_epoch >= options.epochs and not resume:   # --epochs 0: the untrained baseline, same file format
+        write(0)
     return {"checkpoint": str(out), "variant": config.variant, "device": str(device), "history": history}

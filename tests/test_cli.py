@@ -85,11 +85,15 @@ def test_build_and_bench_plan_without_tensorrt(tmp_path, fresh_onnx):
     assert result.exit_code != 0 and "TensorRT" in str(result.exception)
 
 
-def test_profile_cost_table(fresh_onnx):
+def test_profile_cost_table(fresh_onnx, tmp_path):
     _, onnx_path = fresh_onnx
-    result = runner.invoke(app, ["profile", "cost", "--model", str(onnx_path), "--batch", "4", "--iters", "2"])
+    result = runner.invoke(app, ["profile", "cost", "--model", str(onnx_path), "--batch", "4", "--iters", "2",
+                                 "--json", str(tmp_path / "c.json")])
     assert result.exit_code == 0, result.output
-    assert "small" in result.output and "1.86e+08" in result.output
+    (row,) = json.loads((tmp_path / "c.json").read_text())
+    assert row["variant"] == "small" and row["precision"] == "fp32" and row["rank1"] is None
+    assert abs(row["macs"] - 1.856e8) < 1e6 and row["images_per_s"] > 0
+    assert row["ms_per_image"] == pytest.approx(1e3 / row["images_per_s"])
 
 
 def test_train_resume_of_another_variant_is_refused(tmp_path, trained_checkpoint):
