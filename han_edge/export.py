@@ -338,16 +338,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         full = score([])
         key_file.write_text(key)
         if full < target:
-            everything = list(groups)
-            for i, group in enumerate(everything):
-                report.sensitivity[group] = 1 - score([g for g in everything if g != group])
-                if progress:
-                    progress(i + 1, len(everything))
-            ranked = sorted(report.sensitivity, key=report.sensitivity.get, reverse=True)
-            for group in ranked[:max_excluded]:
-                report.excluded_groups.append(group)
-                if score(report.excluded_groups) >= target:
-                    break
+            choose_exclusions(score, list(groups), target, max_excluded, report, progress)
     nodes = [n for g in report.excluded_groups for n in groups[g]]
     quantize(fp32_path, scratch, calib_batch, spec, method, nodes, cache)
     key_file.write_text(key)
@@ -361,6 +352,23 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     report.centred_cosine = centred_cosine(reference, got)
     report.neighbour_agreement = neighbour_agreement(reference, got)
     return report
+
+
+def choose_exclusions(score, groups: list[str], target: float, max_excluded: int, report: Int8Report,
+                      progress=None) -> None:
+    """Sensitivity analysis: quantise each group alone, then keep the worst in float until ``target``.
+
+    ``score(excluded_groups)`` is the centred cosine against FP32 with those groups left in float.
+    """
+    for i, group in enumerate(groups):
+        report.sensitivity[group] = 1 - score([g for g in groups if g != group])
+        if progress:
+            progress(i + 1, len(groups))
+    ranked = sorted(report.sensitivity, key=report.sensitivity.get, reverse=True)
+    for group in ranked[:max_excluded]:
+        report.excluded_groups.append(group)
+        if score(report.excluded_groups) >= target:
+            break
 
 
 def op_counts(model) -> dict[str, int]:

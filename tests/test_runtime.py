@@ -137,3 +137,16 @@ def test_cupy_preprocessing_equals_numpy():
     cpu = crop_batch(np, frame, clipped, (160, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     gpu = crop_batch(cp, cp.asarray(frame), clipped, (160, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     np.testing.assert_allclose(cp.asnumpy(gpu), cpu, atol=1e-4)
+
+
+def test_runtime_api_imports_without_torch(fresh_onnx):
+    """A Jetson install has no PyTorch: the embedded API and an ONNX embedder must not import it."""
+    import subprocess
+    import sys
+
+    _, path = fresh_onnx
+    code = ("import sys, numpy as np; from han_edge import Embedder, Gallery; "
+            f"e = Embedder({str(path)!r}); e.embed_crops([np.zeros((128, 64, 3), np.uint8)]); "
+            "Gallery(1024); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
