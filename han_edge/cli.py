@@ -216,7 +216,8 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
         config, precision = config_from_metadata(meta, str(path))
         dims = model.graph.input[0].type.tensor_type.shape.dim
         counts = op_counts(model)
-        rows = {"precision": precision, "batch": dims[0].dim_param or str(dims[0].dim_value),
+        rows = {"precision": precision,
+                "batch": f"dynamic (axis '{dims[0].dim_param}')" if dims[0].dim_param else str(dims[0].dim_value),
                 "ops": ", ".join(f"{op} {counts.get(op, 0)}" for op in
                                  ("Conv", "Gemm", "GridSample", "QuantizeLinear", "DequantizeLinear", "Cast")),
                 "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
