@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from han_edge.config import HANConfig, config_from_metadata
+from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
 TRT_HINT = ("install TensorRT 10 or 11 with its Python bindings (x86-64: pip install tensorrt; Jetson: it ships "

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import json
 import os
 import warnings
 from dataclasses import dataclass, field

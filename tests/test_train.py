@@ -1,11 +1,10 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from han_edge.checkpoint import load_checkpoint, model_from_checkpoint
+from han_edge.checkpoint import load_checkpoint
 from han_edge.cli import app
 from han_edge.data import load_dataset
 from han_edge.errors import HanEdgeError
