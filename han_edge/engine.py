@@ -84,7 +84,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                  report=None) -> Path:
     """Compile an exported ONNX into a serialized engine plus its metadata side file."""
     from han_edge.cuda import device_description
-    from han_edge.export import load_onnx, onnx_metadata
+    from han_edge.onnx_io import load_onnx, onnx_metadata
 
     options = options or BuildOptions()
     trt = require_tensorrt()

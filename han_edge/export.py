@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,55 +18,11 @@ import numpy as np
 
 from han_edge.config import HANConfig, config_from_metadata, model_metadata
 from han_edge.errors import HanEdgeError
+from han_edge.onnx_io import (INPUT, OUTPUT, load_onnx, onnx_metadata, ort_session, read_config, run_ort,  # noqa: F401
+                              save_onnx, set_metadata)
 from han_edge.preprocess import images_to_batch, load_image
 
 OPSET = 17
-INPUT, OUTPUT = "images", "features"
-
-
-# -- ONNX files: read, write with metadata ------------------------------------------------------------
-def load_onnx(path: str | Path):
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise HanEdgeError(f"ONNX file {path} not found")
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as err:
-        raise HanEdgeError(f"{path} is not a valid ONNX model: {str(err).splitlines()[0][:200]}") from None
-    return model
-
-
-def onnx_metadata(model) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}
-
-
-def set_metadata(model, meta: dict[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in meta.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-
-
-def save_onnx(model, path: str | Path) -> Path:
-    """Atomic write: a failed export never leaves a truncated .onnx behind."""
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def read_config(path: str | Path) -> tuple[HANConfig, str]:
-    return config_from_metadata(onnx_metadata(load_onnx(path)), str(path))
 
 
 # -- FP32 ----------------------------------------------------------------------------------------------
@@ -117,25 +72,6 @@ def export_fp16(fp32_path: str | Path, path: str | Path) -> Path:
     config, _ = config_from_metadata(meta, str(fp32_path))
     set_metadata(half, {**meta, **model_metadata(config, "fp16")})
     return save_onnx(half, path)
-
-
-# -- ONNX Runtime helpers ------------------------------------------------------------------------------
-def ort_session(path: str | Path, threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:
-        raise HanEdgeError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0][:200]}") from None
-
-
-def run_ort(session, batch: np.ndarray, chunk: int = 64) -> np.ndarray:
-    return np.concatenate([session.run([OUTPUT], {INPUT: batch[i:i + chunk]})[0]
-                           for i in range(0, len(batch), chunk)])
 
 
 def load_batch(paths: list[str], config: HANConfig) -> np.ndarray:

@@ -1,0 +1,3 @@
+from han_edge.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""`han-edge export | build | inspect`: model files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from han_edge.cli.common import app, console, progress_bar, write_json
+from han_edge.errors import HanEdgeError, MissingDependencyError
+
+
+# -- export / inspect ----------------------------------------------------------------------------------------
+@app.command()
+def export(
+    variant: str = typer.Option("small"),
+    checkpoint: Optional[Path] = typer.Option(None, help="trained checkpoint (default: fresh weights)"),
+    fp16: bool = typer.Option(False, help="also write the FP16 model"),
+    int8: bool = typer.Option(False, help="also write the calibrated INT8 Q/DQ model"),
+    target: str = typer.Option("tensorrt", help="INT8 flavour: tensorrt (symmetric S8) or cpu (U8 activations, ORT)"),
+    int8_exclude: Optional[str] = typer.Option(None, help="comma-separated layer groups kept in float (skips the sensitivity analysis)"),
+    calibration: str = typer.Option("percentile", help="percentile, entropy or minmax"),
+    calib: Optional[Path] = typer.Option(None, help="folder of calibration crops (default: synthetic training images)"),
+    calib_size: int = typer.Option(256, help="number of calibration images"),
+    max_batch: int = typer.Option(64, help="engine profile maximum batch"),
+    opt_batch: int = typer.Option(32, help="engine profile optimum batch"),
+    workspace: int = typer.Option(1024, help="TensorRT workspace limit in MiB"),
+    no_engine: bool = typer.Option(False, "--no-engine", help="write the ONNX files only"),
+    out: Path = typer.Option(Path("export")),
+    engines: Path = typer.Option(Path("engines")),
+    as_json: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Export ONNX (FP32, FP16, INT8), then build the TensorRT engine when TensorRT and a GPU are present."""
+    from han_edge.export import ExportOptions, export_all
+
+    options = ExportOptions(variant=variant, checkpoint=str(checkpoint) if checkpoint else None, fp16=fp16,
+                            int8=int8, int8_target=target,
+                            int8_exclude=[g for g in int8_exclude.split(",") if g] if int8_exclude is not None else None,
+                            calibration=calibration, calib_dir=str(calib) if calib else None, calib_size=calib_size,
+                            out_dir=str(out))
+    with progress_bar() as bar:
+        task = bar.add_task("INT8 sensitivity", total=None, info="", visible=False)
+
+        def progress(done, total):
+            bar.update(task, completed=done, total=total, visible=True, info="layer groups")
+        result = export_all(options, log=console.print, progress=progress)
+    write_json(as_json, result)
+    if no_engine:
+        return
+    if int8 and target == "cpu":
+        console.print("the CPU-flavour INT8 model is for ONNX Runtime; no TensorRT engine is built from it")
+        return
+    key = "int8" if int8 else ("fp16" if fp16 else None)
+    source = Path(result[key]["path"]) if key else Path(result["fp32"])
+    suffix = {"int8": ".int8.plan", "fp16": ".fp16.plan"}.get(key, ".plan")
+    compile_engine(source, engines / f"han_{variant}{suffix}", opt_batch, max_batch, workspace, engines / "timing.cache")
+
+
+@app.command("build")
+def build_command(
+    onnx_path: Path = typer.Argument(..., help="an ONNX file written by `han-edge export`"),
+    engine: Optional[Path] = typer.Option(None, help="output .plan (default: engines/<onnx name>.plan)"),
+    max_batch: int = typer.Option(64),
+    opt_batch: int = typer.Option(32),
+    workspace: int = typer.Option(1024, help="TensorRT workspace limit in MiB"),
+):
+    """Compile an exported ONNX into a TensorRT engine on this machine (e.g. on the Jetson: no PyTorch needed)."""
+    engine = engine or Path("engines") / (onnx_path.name.removesuffix(".onnx") + ".plan")
+    compile_engine(onnx_path, engine, opt_batch, max_batch, workspace, engine.parent / "timing.cache")
+
+
+def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch: int, workspace: int, cache: Path) -> None:
+    from han_edge.engine import BuildOptions, build_engine
+
+    options = BuildOptions(opt_batch=min(opt_batch, max_batch), max_batch=max_batch, workspace_mib=workspace,
+                           timing_cache=cache)
+    try:
+        with progress_bar() as bar:
+            tasks = {}
+
+            def report(phase, step, steps):
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase[:40], total=steps, info="")
+                bar.update(tasks[phase], completed=step, total=steps)
+            build_engine(onnx_path, engine_path, options, report)
+    except MissingDependencyError as err:
+        Console(stderr=True).print(f"[bold red]engine not built:[/] {err}. The ONNX files above are complete; "
+                                   "pass --no-engine to skip this step.", highlight=False)
+        raise typer.Exit(3)
+    console.print(f"wrote {engine_path} (+ {engine_path.name}.json)")
+
+
+@app.command("inspect")
+def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")):
+    """What a model file is: variant, precision, input size, batch range, op counts, size on disk."""
+    from han_edge.config import HANConfig
+
+    if not path.is_file():
+        raise HanEdgeError(f"{path} not found")
+    table = Table(title=str(path), show_header=False)
+    if path.suffix in (".plan", ".engine"):
+        from han_edge.engine import read_engine_metadata
+
+        side = read_engine_metadata(path)
+        config = HANConfig.from_json(side["metadata"]["han_edge.config"])
+        rows = {"precision": side["precision"], "batch (min/opt/max)": "/".join(str(v) for v in side["batch"].values()),
+                "built with": f"TensorRT {side['tensorrt']} on {side['gpu']} (sm {side['compute_capability']})"}
+    else:
+        from han_edge.export import load_onnx, onnx_metadata, op_counts
+        from han_edge.config import config_from_metadata
+
+        model = load_onnx(path)
+        meta = onnx_metadata(model)
+        config, precision = config_from_metadata(meta, str(path))
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        counts = op_counts(model)
+        rows = {"precision": precision,
+                "batch": f"dynamic (axis '{dims[0].dim_param}')" if dims[0].dim_param else str(dims[0].dim_value),
+                "ops": ", ".join(f"{op} {counts.get(op, 0)}" for op in
+                                 ("Conv", "Gemm", "GridSample", "QuantizeLinear", "DequantizeLinear", "Cast")),
+                "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
+                "han-edge": meta.get("han_edge.version", "?")}
+        if "han_edge.int8_excluded" in meta:
+            rows["kept in float"] = ", ".join(json.loads(meta["han_edge.int8_excluded"])) or "none"
+    rows = {"variant": config.variant, "input": f"3x{config.input_size[0]}x{config.input_size[1]}",
+            "feature": f"{config.feature_dim}-D", "mean/std": f"{config.mean} / {config.std}", **rows,
+            "size": f"{path.stat().st_size / 2**20:.2f} MiB"}
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+
+

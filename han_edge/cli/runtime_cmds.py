@@ -1,0 +1,132 @@
+"""`han-edge embed | match | bench | profile`: the runtime."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from han_edge.cli.common import app, console, profile_app, progress_bar, write_json
+from han_edge.errors import HanEdgeError
+
+
+# -- runtime: embed / match / bench -----------------------------------------------------------------------
+@app.command()
+def embed(
+    engine: Path = typer.Option(..., "--engine", "--model", help=".plan/.engine, .onnx or .pt"),
+    images: Optional[Path] = typer.Option(None, help="folder of images (whole images are crops unless --boxes)"),
+    video: Optional[Path] = typer.Option(None, help="video file; needs --boxes keyed by frame index"),
+    boxes: Optional[Path] = typer.Option(None, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
+    out: Path = typer.Option(..., help="output .npz (a gallery file han-edge match reads)"),
+):
+    """Embed person crops from images or video frames into a gallery file."""
+    from han_edge.pipeline import embed_sources
+
+    if (images is None) == (video is None):
+        raise HanEdgeError("give exactly one of --images DIR or --video FILE")
+    with progress_bar() as bar:
+        task = bar.add_task("embed", total=None, info=str(engine))
+        gallery, count = embed_sources(engine, images, video, boxes, progress=lambda n: bar.advance(task, n))
+    gallery.save(out)
+    console.print(f"wrote {out}: {count} features")
+
+
+@app.command()
+def match(
+    gallery: Path = typer.Option(..., help="gallery .npz (from embed or Gallery.save)"),
+    query: Path = typer.Option(..., help="query .npz (from embed)"),
+    k: int = typer.Option(5, "-k", help="matches per query"),
+    exclude_same_camera: bool = typer.Option(False, help="skip gallery entries of the query's camera"),
+    as_json: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Top-k gallery identities for every query feature."""
+    from han_edge.gallery import Gallery
+
+    gal = Gallery.load(gallery)
+    qry = Gallery.load(query, dim=gal.dim)
+    q_feats, q_ids, q_cams = qry._snapshot()
+    ids, dists = gal.search(q_feats, k, q_cams, exclude_same_camera)
+    table = Table(title=f"top-{ids.shape[1]} of {len(gal)} gallery entries")
+    table.add_column("query")
+    table.add_column("query id")
+    for i in range(ids.shape[1]):
+        table.add_column(f"#{i + 1} id (dist)")
+    for row in range(min(len(ids), 50)):
+        table.add_row(str(row), str(q_ids[row]), *(f"{ids[row, j]} ({dists[row, j]:.3f})" for j in range(ids.shape[1])))
+    console.print(table)
+    write_json(as_json, {"ids": ids, "distances": dists, "query_ids": q_ids})
+
+
+@app.command()
+def bench(
+    engine: Path = typer.Option(..., "--engine", "--model", help=".plan/.engine, .onnx or .pt"),
+    batch: str = typer.Option("1,8,32,64", help="comma-separated batch sizes"),
+    iters: int = typer.Option(20, help="timed iterations per batch size (after warm-up)"),
+    gallery_size: int = typer.Option(10000, help="gallery entries to match against"),
+    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: default)"),
+    as_json: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Latency (p50/p90/p99) and images/s of pre-process, inference, matching and end to end."""
+    from han_edge.bench import run_bench
+
+    sizes = [int(b) for b in batch.split(",") if b.strip()]
+    with progress_bar() as bar:
+        task = bar.add_task("bench", total=len(sizes), info=str(engine))
+        result = run_bench(engine, sizes, iters, gallery_size, threads=threads, progress=lambda: bar.advance(task))
+    table = Table(title=f"{engine} · {result['backend']} {result['precision']} · {result['device']}")
+    for col in ("batch", "stage", "p50 ms", "p90 ms", "p99 ms", "img/s"):
+        table.add_column(col, justify="right")
+    for row in result["rows"]:
+        table.add_row(str(row["batch"]), row["stage"], f"{row['p50_ms']:.2f}", f"{row['p90_ms']:.2f}",
+                      f"{row['p99_ms']:.2f}", f"{row['images_per_s']:.1f}")
+    console.print(table)
+    write_json(as_json, result)
+
+
+# -- profile -----------------------------------------------------------------------------------------------
+@profile_app.command("flops")
+def profile_flops(
+    variant: str = typer.Option("all", help="small, medium, large or all"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table"),
+):
+    """Parameters and multiply-adds per variant at 1x3x160x64, next to Table 1's FLOPs."""
+    from han_edge.profile import count_cost, variants_of
+
+    rows = [count_cost(v) for v in variants_of(variant)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="HAN cost at 1x3x160x64 (FLOPs = 2 x MACs, as Table 1)")
+    for col in ("variant", "strides", "params", "MACs", "FLOPs", "Table 1", "ratio"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["variant"], str(tuple(r["strides"])), f"{r['params'] / 1e6:.2f}M", f"{r['macs']:.3e}",
+                      f"{r['flops']:.3e}", f"{r['paper_flops']:.2e}", f"{r['ratio']:.3f}")
+    console.print(table)
+
+
+@profile_app.command("cost")
+def profile_cost(
+    model: List[Path] = typer.Option(..., "--model", "--engine", help="model files (.onnx/.plan/.pt), repeatable"),
+    batch: int = typer.Option(32),
+    iters: int = typer.Option(10),
+    eval_json: Optional[Path] = typer.Option(None, help="an `han-edge eval --json` result to show rank-1 from"),
+    as_json: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Cost-effectiveness: MACs and params next to measured ms/image and images/s (and rank-1)."""
+    from han_edge.profile import cost_table
+
+    rows = cost_table(model, batch, iters, json.loads(eval_json.read_text()) if eval_json else None)
+    write_json(as_json, rows)
+    table = Table(title=f"cost-effectiveness at batch {batch}")
+    for col in ("model", "variant", "precision", "backend", "MACs", "params", "ms/img", "img/s", "rank-1"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], r["variant"], r["precision"], r["backend"], f"{r['macs']:.2e}",
+                      f"{r['params'] / 1e6:.2f}M", f"{r['ms_per_image']:.2f}", f"{r['images_per_s']:.1f}",
+                      "-" if r["rank1"] is None else f"{100 * r['rank1']:.1f}")
+    console.print(table)
+
+
