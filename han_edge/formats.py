@@ -1,0 +1,97 @@
+"""Model formats as data (boxmot's ``ReIDFormat``, ultralytics' export table): one row per format.
+
+Every place that needs to know "what is this file and what runs it" — the runtime, ``inspect``,
+``export``, ``build``, ``bench``, the demo — asks this table instead of testing suffixes itself.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from han_edge.errors import HanEdgeError
+
+
+@dataclass(frozen=True)
+class ModelFormat:
+    name: str
+    suffixes: tuple[str, ...]          # file suffixes (or URI schemes ending in "://")
+    backend: str                       # "module:Class" opened lazily, so no optional import happens early
+    options: tuple[str, ...]           # keyword options the backend accepts
+    description: str
+
+    def open(self, source, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise HanEdgeError(f"{self.name} models take no option(s) {unknown}; they accept: "
+                               f"{', '.join(self.options) or 'none'}")
+        module, cls = self.backend.split(":")
+        return getattr(importlib.import_module(module), cls)(source if self.is_uri else Path(source), **options)
+
+    @property
+    def is_uri(self) -> bool:
+        return self.suffixes[0].endswith("://")
+
+
+FORMATS: tuple[ModelFormat, ...] = (
+    ModelFormat("pytorch", (".pt", ".pth"), "han_edge.backends.torch:TorchBackend", ("device", "max_batch"),
+                "training checkpoint run by PyTorch (CPU or CUDA)"),
+    ModelFormat("onnx", (".onnx",), "han_edge.backends.onnxruntime:OnnxRuntimeBackend",
+                ("threads", "providers", "max_batch"),
+                "ONNX run by ONNX Runtime (CUDA execution provider when onnxruntime-gpu is installed)"),
+    ModelFormat("tensorrt", (".plan", ".engine"), "han_edge.backends.tensorrt:TensorRTBackend", (),
+                "TensorRT engine built on this GPU by `han-edge build`"),
+    ModelFormat("triton", ("grpc://",), "han_edge.backends.triton:TritonBackend", ("max_batch", "timeout_s"),
+                "a model served by Triton Inference Server, over gRPC"),
+)
+
+
+def format_of(source) -> ModelFormat:
+    """The format of a model file or URI, or one sentence saying why none fits."""
+    text = str(source)
+    for fmt in FORMATS:
+        if fmt.is_uri and any(text.startswith(s) for s in fmt.suffixes):
+            return fmt
+    path = Path(text)
+    suffix = path.suffix.lower()
+    fmt = next((f for f in FORMATS if not f.is_uri and suffix in f.suffixes), None)
+    if fmt is None:
+        known = ", ".join(f"{'/'.join(f.suffixes)} ({f.name})" for f in FORMATS)
+        raise HanEdgeError(f"cannot tell the format of {path.name or text}: use {known}")
+    if path.is_dir():
+        raise HanEdgeError(f"model {path} is a directory, not a model file")
+    if not path.is_file():
+        raise HanEdgeError(f"model file {path} not found")
+    return fmt
+
+
+# -- what `export` and `build` write: one row per precision ----------------------------------------------
+@dataclass(frozen=True)
+class Artefact:
+    precision: str          # metadata precision
+    onnx_tag: str           # han_<variant><tag>.onnx
+    plan_tag: str | None    # han_<variant><tag>.plan, None where no engine is built from it
+
+
+ARTEFACTS: dict[str, Artefact] = {
+    "fp32": Artefact("fp32", "", ""),
+    "fp16": Artefact("fp16", ".fp16", ".fp16"),
+    "int8": Artefact("int8", ".int8", ".int8"),               # TensorRT flavour
+    "int8-cpu": Artefact("int8-cpu", ".int8-cpu", None),      # ONNX Runtime CPU flavour: no engine
+}
+
+
+def onnx_name(variant: str, precision: str) -> str:
+    return f"han_{variant}{ARTEFACTS[precision].onnx_tag}.onnx"
+
+
+def engine_name(variant: str, precision: str) -> str:
+    tag = ARTEFACTS[precision].plan_tag
+    if tag is None:
+        raise HanEdgeError(f"the {precision} model is for ONNX Runtime on the CPU; no TensorRT engine is built from it")
+    return f"han_{variant}{tag}.plan"
+
+
+def engine_name_for(onnx_path: str | Path) -> str:
+    """The engine file name `han-edge build` writes for an ONNX file (same stem, .plan)."""
+    return Path(onnx_path).name.removesuffix(".onnx") + ".plan"
