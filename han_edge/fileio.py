@@ -1,24 +1,62 @@
 """Every file han-edge writes goes through here: destination checked first, temp file beside it, fsync, rename.
 
-The bottom layer: imports nothing of han-edge but the error type. A failed or killed write leaves
-the previous file intact and no stray temporary file behind (on any exception the temp file is
-removed; a process killed mid-write leaves ``.<name>.<random>.tmp``, hidden and never reused).
+The bottom layer: imports nothing of han-edge but the error type.
+
+Guarantees (tested in ``tests/test_fileio.py``):
+
+- the destination is checked before any work with one sentence naming the problem: a directory,
+  a missing or non-folder parent, a read-only folder or file, a name ending in a separator, and
+  (when the size is known) not enough free space;
+- the bytes go to ``.<name>.<pid>.<random>.tmp[suffix]`` beside the destination, are fsynced and renamed
+  over it, so readers see the old file or the new one, never a mix, and a failed write (full disk,
+  I/O error, exception in the caller's code, Ctrl-C) leaves the previous file unchanged and no
+  temporary file behind;
+- a writer killed outright (SIGKILL, power loss) cannot clean up, so every write first sweeps the
+  temporary files of *dead* writers of the same destination (the pid in the name is not running):
+  a stray temp never eats the space the next save needs;
+- the new file gets the previous file's permission bits, or the umask's default for a new one
+  (not ``mkstemp``'s 0600); a symlinked destination updates the file it points to.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import json
+import math
 import os
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from han_edge.errors import HanEdgeError
 
+_UMASK_LOCK = threading.Lock()
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno.ENOSPC,)
+# Below this many free bytes an error from a library that hides errno (torch.save raises RuntimeError)
+# is reported as a full disk.
+_NEARLY_FULL = 1 << 20
 
-def check_destination(path: str | Path, what: str = "output") -> Path:
-    """The path as a ``Path`` if a file can be written there, else one sentence naming the problem."""
-    path = Path(path)
+
+def check_destination(path: str | Path, what: str = "output", size: int | None = None) -> Path:
+    """The path as a ``Path`` if a file can be written there, else one sentence naming the problem.
+
+    ``size``: bytes about to be written; refused up front when the file system has less free.
+    """
+    text = os.fspath(path)
+    if not text:
+        raise HanEdgeError(f"the {what} path is empty; give a file name")
+    if text.endswith(("/", os.sep)) and not Path(text).is_dir():
+        raise HanEdgeError(f"{what} {text} ends in a path separator; give a file name, not a folder")
+    path = Path(text)
+    try:
+        _check(path, what, size)
+    except OSError as err:    # e.g. a name too long to stat
+        raise HanEdgeError(f"cannot write {what} {path}: {_reason(err)}") from None
+    return path
+
+
+def _check(path: Path, what: str, size: int | None) -> None:
     if path.is_dir():
         raise HanEdgeError(f"{what} {path} is a directory; give a file name")
     parent = path.parent
@@ -30,15 +68,21 @@ def check_destination(path: str | Path, what: str = "output") -> Path:
         raise HanEdgeError(f"cannot write {what} {path}: folder {parent} is read-only")
     if path.exists() and not os.access(path, os.W_OK):
         raise HanEdgeError(f"cannot write {what} {path}: the file is read-only")
-    return path
+    if size is not None:
+        free = _free_bytes(parent)
+        if free is not None and free < size:
+            raise HanEdgeError(f"cannot write {what} {path}: it needs {_mib(size)} and only {_mib(free)} is free "
+                               f"on that file system")
 
 
 def ensure_folder(path: str | Path, what: str = "output folder") -> Path:
     """Create a folder (and parents) or say in one sentence why it cannot be."""
+    if not os.fspath(path):
+        raise HanEdgeError(f"the {what} path is empty; give a folder")
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise HanEdgeError(f"{what} {path} exists and is not a folder")
     try:
+        if path.exists() and not path.is_dir():
+            raise HanEdgeError(f"{what} {path} exists and is not a folder")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HanEdgeError(f"cannot create {what} {path}: {_reason(err)}") from None
@@ -48,56 +92,159 @@ def ensure_folder(path: str | Path, what: str = "output folder") -> Path:
 
 
 def _reason(err: OSError) -> str:
-    if err.errno == errno.ENOSPC:
+    if err.errno in _NO_SPACE:
         return "no space left on the device"
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "permission denied (read-only)"
-    return err.strerror or type(err).__name__
+    if err.errno == errno.ENAMETOOLONG:
+        return "the file name is too long"
+    if err.errno == errno.EISDIR:
+        return "it is a directory"
+    if err.errno == errno.ENOTDIR:
+        return "a part of the path is not a folder"
+    return (err.strerror or type(err).__name__).lower()
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _mib(size: int) -> str:
+    if size < 2**10:
+        return f"{size} bytes"
+    return f"{size / 2**10:.1f} KiB" if size < 2**20 else f"{size / 2**20:.1f} MiB"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True       # someone else's live process (or a pid we cannot judge): leave its file alone
+    return True
+
+
+def sweep_stale_temps(path: str | Path) -> list[Path]:
+    """Remove ``.<name>.<pid>.*.tmp[suffix]`` beside ``path`` left by writers that are no longer running."""
+    path = Path(path)
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f"{_glob_escape(_stem(path))}*.tmp*"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid_text = tmp.name[len(_stem(path)):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def _stem(path: Path) -> str:
+    """Start of a temporary name: hidden, the destination's name (cut to stay within NAME_MAX)."""
+    return f".{path.name[:120]}."
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _default_mode(existing: Path) -> int:
+    try:
+        return existing.stat().st_mode & 0o7777
+    except OSError:
+        with _UMASK_LOCK:
+            mask = os.umask(0)
+            os.umask(mask)
+        return 0o666 & ~mask
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, what: str = "output"):
+def atomic_path(path: str | Path, what: str = "output", size: int | None = None, suffix: str = ""):
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``.
 
-    For libraries that write by file name (``torch.save``, ``onnx.save``, ``cv2.imwrite``).
+    For libraries that write by file name (``torch.save``, ``onnx.save``). ``suffix`` ends the
+    temporary name (``cv2.imwrite`` picks the format from it). ``size``: expected bytes, checked
+    against the free space first. Any failure removes the temporary file and leaves ``path`` as
+    it was; an ``OSError`` (or a library error on a file system that is now full) becomes one
+    sentence, a ``HanEdgeError`` passes through, anything else is re-raised unchanged.
     """
-    path = check_destination(path, what)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    path = check_destination(path, what, size)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+        check_destination(path, what, size)
+    sweep_stale_temps(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_stem(path)}{os.getpid()}.", suffix=f".tmp{suffix}",
+                                        dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise HanEdgeError(f"cannot write {what} {path}: {_reason(err)}") from None
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except HanEdgeError:
+        raise
     except OSError as err:
         raise HanEdgeError(f"cannot write {what} {path}: {_reason(err)}; the previous file is unchanged") from None
+    except Exception:
+        free = _free_bytes(path.parent)
+        if free is not None and free < _NEARLY_FULL:
+            raise HanEdgeError(f"cannot write {what} {path}: no space left on the device; "
+                               f"the previous file is unchanged") from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     _fsync_folder(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, what: str = "output") -> Path:
     """Write ``data`` to ``path`` atomically."""
-    with atomic_path(path, what) as tmp:
+    with atomic_path(path, what, size=len(data)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
     return Path(path)
 
 
 def write_json(path: str | Path, data, what: str = "JSON report") -> Path:
-    """A JSON file written atomically (NumPy arrays and scalars become lists and numbers)."""
-    return atomic_write_bytes(path, json.dumps(data, indent=2, default=_jsonable).encode(), what)
+    """A JSON file written atomically: strict JSON (RFC 8259), so NaN and infinities become ``null``.
+
+    NumPy arrays and scalars become lists and numbers; anything else unknown is written as its ``str``.
+    """
+    text = json.dumps(_strict(data), indent=2, default=_jsonable, allow_nan=False)
+    return atomic_write_bytes(path, text.encode(), what)
+
+
+def _strict(value):
+    """Non-finite floats (also inside NumPy arrays and scalars) replaced by None."""
+    import numpy as np
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k.item() if isinstance(k, np.generic) else k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _strict(value.tolist())
+    return value
 
 
 def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
+    return _strict(value.tolist()) if hasattr(value, "tolist") else str(value)
 
 
 def _fsync_folder(folder: Path) -> None:
