@@ -1,27 +1,36 @@
 """Checkpoints: weights + model config + training state, saved atomically, loaded as data only."""
 from __future__ import annotations
 
-import os
+import pickle
+import warnings
 from pathlib import Path
 
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
+from han_edge.fileio import atomic_path
+from han_edge.validate import PYTHON_OBJECTS, reason
 
 FORMAT = "han-edge-checkpoint"
 VERSION = 1
 
 
 def save_checkpoint(path: str | Path, model, config: HANConfig, **state) -> None:
-    """Write to a temporary file then rename, so a crash never leaves a half-written checkpoint."""
+    """Atomic (``fileio.atomic_path``): a crash, a full disk or Ctrl-C never leaves a half-written checkpoint.
+
+    A missing parent folder is created (checkpoints go to ``runs/`` by default); any other problem
+    with the destination is one sentence before anything is written.
+    """
     import torch
 
+    from han_edge.fileio import ensure_folder
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        ensure_folder(path.parent, "checkpoint folder")
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
                "num_classes": model.num_classes, "state_dict": model.state_dict(), **state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, "checkpoint") as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -29,17 +38,37 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise HanEdgeError(f"checkpoint {path} is a directory, not a file")
     if not path.is_file():
         raise HanEdgeError(f"checkpoint {path} not found")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, pickled code...
-        raise HanEdgeError(f"checkpoint {path} cannot be read as a han-edge checkpoint: {err}".split("\n")[0]) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # PyTorch's message advises retrying with weights_only=False, i.e. running the file's code: never passed on
+        raise HanEdgeError(f"checkpoint {path} cannot be read as a han-edge checkpoint: {PYTHON_OBJECTS}") from None
+    except Exception as err:  # truncated zip, not a torch file, unreadable...
+        raise HanEdgeError(f"checkpoint {path} cannot be read as a han-edge checkpoint: {reason(err)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise HanEdgeError(f"{path} is not a han-edge checkpoint (no '{FORMAT}' marker)")
-    if data.get("version", 0) > VERSION:
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise HanEdgeError(f"checkpoint {path} has a format version of the wrong type ({type(version).__name__})")
+    if version > VERSION:
         raise HanEdgeError(f"checkpoint {path} has format version {data['version']}; this han-edge reads {VERSION}")
+    if not isinstance(data.get("state_dict"), dict):
+        raise HanEdgeError(f"checkpoint {path} holds no weights (state_dict)")
+    checkpoint_config(data, path)
     return data
+
+
+def checkpoint_config(data: dict, path: str | Path) -> HANConfig:
+    """The model config stored in a loaded checkpoint, or one sentence saying what is wrong with it."""
+    if not isinstance(data.get("config"), dict):
+        raise HanEdgeError(f"checkpoint {path} holds no model config")
+    return HANConfig.from_dict(data["config"], f"checkpoint {path}")
 
 
 def model_from_checkpoint(path: str | Path, variant: str | None = None, map_location="cpu"):
@@ -47,12 +76,15 @@ def model_from_checkpoint(path: str | Path, variant: str | None = None, map_loca
     from han_edge.model import HAN
 
     data = load_checkpoint(path, map_location)
-    config = HANConfig.from_dict(data["config"])
+    config = checkpoint_config(data, path)
     if variant is not None and config.variant != variant:
         raise HanEdgeError(f"checkpoint {path} holds HAN({config.variant}), not HAN({variant})")
-    model = HAN(config, data.get("num_classes", 0))
+    num_classes = data.get("num_classes", 0)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= 10**7:
+        raise HanEdgeError(f"checkpoint {path} has an invalid number of identities ({num_classes!r})")
+    model = HAN(config, num_classes)
     try:
         model.load_state_dict(data["state_dict"])
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
         raise HanEdgeError(f"checkpoint {path} does not fit HAN({config.variant}): {str(err).splitlines()[0]}") from None
     return model.eval(), config, data

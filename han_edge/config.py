@@ -46,24 +46,83 @@ class HANConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HANConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_dict(cls, data: dict, source: str = "the model file") -> "HANConfig":
+        """A config from stored data; wrong types, values out of range or unknown fields are one sentence.
+
+        Missing fields take the defaults (files written before a field existed); ``source`` names the file.
+        """
+        if not isinstance(data, dict):
+            raise HanEdgeError(f"{source}: the HAN config must be an object, not {type(data).__name__}")
+        unknown = set(data) - set(_FIELD_RULES)
         if unknown:
-            raise HanEdgeError(f"unknown HAN config fields {sorted(unknown)}; written by a newer han-edge?")
-        # JSON turns tuples into lists; the dataclass is frozen and hashable with tuples.
-        fixed = {k: _as_tuple(v) for k, v in data.items()}
+            raise HanEdgeError(f"{source}: unknown HAN config fields {sorted(map(str, unknown))}; "
+                               f"written by a newer han-edge?")
+        fixed = {}
+        for key, value in data.items():
+            check, expected = _FIELD_RULES[key]
+            # JSON turns tuples into lists; the dataclass is frozen and hashable with tuples.
+            value = _as_tuple(value)
+            if not check(value):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise HanEdgeError(f"{source}: HAN config field {key!r} must be {expected}, not {shown}")
+            fixed[key] = value
         return cls(**fixed)
 
     @classmethod
-    def from_json(cls, text: str) -> "HANConfig":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, source: str = "the model file") -> "HANConfig":
+        """``from_dict`` of a JSON text; text that is not JSON (or has NaN/Infinity) is one sentence."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise HanEdgeError(f"{source}: the HAN config must be JSON text, not {type(text).__name__}")
+        try:
+            data = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as err:   # JSONDecodeError, bad UTF-8, NaN
+            reason = f"{err.msg} at column {err.colno}" if isinstance(err, json.JSONDecodeError) else str(err)
+            raise HanEdgeError(f"{source}: the HAN config is not valid JSON ({reason})") from None
+        return cls.from_dict(data, source)
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _as_tuple(value):
     if isinstance(value, list):
         return tuple(_as_tuple(v) for v in value)
     return value
+
+
+def _int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _real(value, low: float = -1e300, high: float = 1e300) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # False for NaN
+
+
+def _ints(count: int, low: int, high: int):
+    return lambda v: isinstance(v, tuple) and len(v) == count and all(_int(x, low, high) for x in v)
+
+
+# field -> (check, what it must be); bounds are generous sanity limits, not the paper's values
+_FIELD_RULES = {
+    "variant": (lambda v: isinstance(v, str) and v in ("small", "medium", "large"), "'small', 'medium' or 'large'"),
+    "strides": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_int(x, 1, 2) for x in v),
+                "three strides of 1 or 2"),
+    "widths": (_ints(3, 1, 8192), "three whole numbers from 1 to 8192"),
+    "stem_width": (lambda v: _int(v, 1, 8192), "a whole number from 1 to 8192"),
+    "input_size": (_ints(2, 16, 4096), "[height, width], whole numbers from 16 to 4096"),
+    "regions": (lambda v: _int(v, 1, 64), "a whole number from 1 to 64"),
+    "crop_sizes": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_ints(2, 1, 4096)(x) for x in v),
+                   "three [height, width] pairs of whole numbers >= 1"),
+    "global_dim": (lambda v: _int(v, 1, 65536), "a whole number from 1 to 65536"),
+    "local_dim": (lambda v: _int(v, 1, 65536), "a whole number from 1 to 65536"),
+    "reduction": (lambda v: _int(v, 1, 8192), "a whole number from 1 to 8192"),
+    "mean": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_real(x, -1e3, 1e3) for x in v),
+             "three finite numbers"),
+    "std": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_real(x, 1e-6, 1e3) for x in v),
+            "three positive finite numbers"),
+    "paper_flops": (lambda v: _real(v, 0.0, 1e30), "a finite number >= 0"),
+}
 
 
 VARIANTS: dict[str, HANConfig] = {
@@ -109,6 +168,14 @@ def model_metadata(config: HANConfig, precision: str, **extra) -> dict[str, str]
 
 def config_from_metadata(meta: dict[str, str], source: str) -> tuple[HANConfig, str]:
     """(config, precision) from metadata written by ``model_metadata``, or a clear error."""
+    if not isinstance(meta, dict):
+        raise HanEdgeError(f"{source}: the han-edge metadata must be an object, not {type(meta).__name__}")
     if "han_edge.config" not in meta:
         raise HanEdgeError(f"{source} carries no han-edge metadata; export it with `han-edge export`")
-    return HANConfig.from_json(meta["han_edge.config"]), meta.get("han_edge.precision", "fp32")
+    config = HANConfig.from_json(meta["han_edge.config"], str(source))
+    precision = meta.get("han_edge.precision", "fp32")
+    if precision not in PRECISIONS:
+        shown = repr(precision) if len(repr(precision)) <= 30 else repr(precision)[:27] + "..."
+        raise HanEdgeError(f"{source}: unknown precision {shown} in the han-edge metadata; "
+                           f"one of {', '.join(PRECISIONS)}")
+    return config, precision

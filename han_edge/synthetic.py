@@ -19,6 +19,7 @@ from han_edge.errors import HanEdgeError
 HEIGHT, WIDTH = 128, 64          # Market-1501's crop size
 NUM_CAMERAS = 6
 FORMAT_VERSION = 1
+SUBFOLDERS = ("bounding_box_train", "bounding_box_test", "query")   # a folder holding only these (no marker) is an interrupted generation: regenerated
 PALETTE = np.array([[30, 30, 30], [230, 230, 230], [40, 40, 170], [170, 60, 40], [40, 140, 60],
                     [40, 170, 210], [120, 120, 120], [150, 60, 140], [30, 90, 200], [100, 70, 40]],
                    dtype=np.float64)  # BGR
@@ -128,10 +129,19 @@ def _draw_person(canvas, ident, rng, scale, shift) -> None:
 
 def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: int = 60,
              distractors: int = 40, progress=None) -> Path:
-    """Write a Market-1501-layout set under ``root``; returns the root."""
+    """Write a Market-1501-layout set under ``root``; returns the root.
+
+    The marker ``synthetic.json`` is written last and atomically: a set without it is incomplete.
+    """
+    from han_edge.fileio import ensure_folder
+
     root = Path(root)
-    for sub in ("bounding_box_train", "bounding_box_test", "query"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+    for sub in SUBFOLDERS:
+        ensure_folder(root / sub, "synthetic set folder")
+
+    def imwrite(path: Path, image: np.ndarray) -> None:
+        if not cv2.imwrite(str(path), image):
+            raise HanEdgeError(f"cannot write synthetic image {path}: the disk is full or the folder is not writable")
     master = np.random.default_rng(seed)
     cameras = [make_camera(master) for _ in range(NUM_CAMERAS)]
     total = train_ids + test_ids
@@ -144,19 +154,21 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
             for k in range(int(rng.integers(2, 5))):
                 image = render(identity, cameras[cam], rng)
                 folder = "bounding_box_train" if not is_test else ("query" if k == 0 else "bounding_box_test")
-                cv2.imwrite(str(root / folder / f"{pid:04d}_c{cam + 1}s1_{k:06d}_00.jpg"), image)
+                imwrite(root / folder / f"{pid:04d}_c{cam + 1}s1_{k:06d}_00.jpg", image)
         if progress:
             progress()
     for n in range(distractors):        # pid 0: people never queried; pid -1: junk (background only)
         rng = np.random.default_rng([seed, 100000 + n])
         cam = int(rng.integers(NUM_CAMERAS))
         image = render(make_identity(rng), cameras[cam], rng)
-        cv2.imwrite(str(root / "bounding_box_test" / f"0000_c{cam + 1}s1_{n:06d}_00.jpg"), image)
+        imwrite(root / "bounding_box_test" / f"0000_c{cam + 1}s1_{n:06d}_00.jpg", image)
         junk = np.clip(cameras[cam]["background"] + rng.normal(0, 30, (HEIGHT, WIDTH, 3)), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(root / "bounding_box_test" / f"-1_c{cam + 1}s1_{n:06d}_00.jpg"), junk)
+        imwrite(root / "bounding_box_test" / f"-1_c{cam + 1}s1_{n:06d}_00.jpg", junk)
     spec = {"format": FORMAT_VERSION, "seed": seed, "train_ids": train_ids, "test_ids": test_ids,
             "distractors": distractors}
-    (root / "synthetic.json").write_text(json.dumps(spec))
+    from han_edge.fileio import write_json
+
+    write_json(root / "synthetic.json", spec, "synthetic set marker")
     return root
 
 
@@ -165,11 +177,18 @@ def ensure_synthetic(root: str | Path, seed: int = 0, **sizes) -> Path:
     root = Path(root)
     marker = root / "synthetic.json"
     if marker.is_file():
-        spec = json.loads(marker.read_text())
+        try:
+            spec = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            spec = None
+        if not isinstance(spec, dict):
+            raise HanEdgeError(f"{marker} is damaged; delete {root} or choose another --root")
         wanted = {"seed": seed, **sizes}
         if all(spec.get(k) == v for k, v in wanted.items()) and spec.get("format") == FORMAT_VERSION:
             return root
         raise HanEdgeError(f"{root} holds a different synthetic set ({spec}); choose another --root")
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and not root.is_dir():
+        raise HanEdgeError(f"synthetic set folder {root} is a file; choose another --root")
+    if root.exists() and any(p.name not in SUBFOLDERS for p in root.iterdir()):
         raise HanEdgeError(f"{root} is not empty and holds no synthetic set; choose another --root")
     return generate(root, seed=seed, **sizes)

@@ -1,6 +1,7 @@
 """Training: multi-branch softmax cross-entropy with SGD as in Section 4, scaled to a few epochs."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from han_edge.checkpoint import load_checkpoint, save_checkpoint
+from han_edge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from han_edge.config import HANConfig, get_config
 from han_edge.data import Item
 from han_edge.errors import HanEdgeError
@@ -32,6 +33,29 @@ class TrainOptions:
     random_erasing: bool = False
     seed: int = 0
     workers: int = 0
+
+    def check(self) -> "TrainOptions":
+        """Self, or one sentence naming the first option out of range (before any data is read)."""
+        def whole(name, low, high=None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                bound = f"from {low} to {high}" if high is not None else f">= {low}"
+                raise HanEdgeError(f"training option {name} must be a whole number {bound}; got {value!r}")
+
+        def real(name, positive):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise HanEdgeError(f"training option {name} must be a finite number {'> 0' if positive else '>= 0'}; "
+                                   f"got {value!r}")
+        whole("epochs", 0, 100_000)
+        whole("batch_size", 1, 1 << 16)
+        whole("seed", 0, 2**32 - 1)
+        whole("workers", 0, 1024)
+        real("lr", True)
+        real("momentum", False)
+        real("weight_decay", False)
+        return self
 
 
 class ReidImages(Dataset):
@@ -99,22 +123,40 @@ def make_optimizer(model: HAN, options: TrainOptions):
 def train(train_items: list[Item], num_classes: int, out: str | Path, variant: str | None = "small",
           options: TrainOptions | None = None, resume: str | Path | None = None, dataset_name: str = "",
           progress=None) -> dict:
-    """Train (or resume) and write the checkpoint after every epoch; returns a summary."""
-    options = options or TrainOptions()
+    """Train (or resume) and write the checkpoint after every epoch; returns a summary.
+
+    Options and the destination are checked before anything is read or trained. A non-finite loss
+    (or non-finite weights at the end of an epoch) stops training with one sentence naming the epoch
+    and step; the checkpoint already at ``out`` is never overwritten with such weights.
+    """
+    from han_edge.fileio import check_destination, ensure_folder
+
+    options = (options or TrainOptions()).check()
+    out = Path(out)
+    if not out.parent.exists():
+        ensure_folder(out.parent, "checkpoint folder")
+    check_destination(out, "checkpoint")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     start_epoch = 0
     if resume:
         state = load_checkpoint(resume)
-        config = HANConfig.from_dict(state["config"])
+        config = checkpoint_config(state, resume)
+        missing = [k for k in ("epoch", "optimizer", "scheduler", "loader_rng", "torch_rng") if k not in state]
+        if missing:
+            raise HanEdgeError(f"checkpoint {resume} cannot be resumed: it holds no training state ({', '.join(missing)})")
         if variant is not None and config.variant != variant:
             raise HanEdgeError(f"checkpoint {resume} holds HAN({config.variant}), not HAN({variant})")
         if state["num_classes"] != num_classes:
             raise HanEdgeError(f"checkpoint {resume} was trained on {state['num_classes']} identities, "
                                f"this dataset has {num_classes}")
         model = HAN(config, num_classes)
-        model.load_state_dict(state["state_dict"])
+        try:
+            model.load_state_dict(state["state_dict"])
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
+            raise HanEdgeError(f"checkpoint {resume} does not fit HAN({config.variant}): "
+                               f"{str(err).splitlines()[0][:200]}") from None
     else:
         config = get_config(variant or "small")
         model = HAN(config, num_classes)
@@ -122,11 +164,17 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
     optimizer, scheduler = make_optimizer(model, options)
     generator = torch.Generator().manual_seed(options.seed)
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["loader_rng"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+            raise HanEdgeError(f"checkpoint {resume} cannot be resumed: its training state is damaged "
+                               f"({str(err).splitlines()[0][:150]})") from None
         start_epoch = state["epoch"]
-        generator.set_state(state["loader_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise HanEdgeError(f"checkpoint {resume} cannot be resumed: its epoch {start_epoch!r} is not a count")
     if len(train_items) < options.batch_size:
         raise HanEdgeError(f"only {len(train_items)} training images; need at least one batch of {options.batch_size}")
     loader = DataLoader(ReidImages(train_items, config, options), batch_size=options.batch_size, shuffle=True,
@@ -140,21 +188,33 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
 
     for epoch in range(start_epoch, options.epochs):
         seen, loss_sum, started = 0, 0.0, time.perf_counter()
-        for images, labels in loader:
+        for step, (images, labels) in enumerate(loader, 1):
             images, labels = images.to(device), labels.to(device)
             loss = branch_loss(model(images), labels)
+            value = loss.detach().item()
+            if not math.isfinite(value):
+                raise HanEdgeError(f"training diverged: the loss is {value} at epoch {epoch + 1}, step {step} "
+                                   f"(lr {options.lr:g}); {_kept(out)}, try a lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             seen += len(labels)
-            loss_sum += loss.detach().item() * len(labels)
+            loss_sum += value * len(labels)
             if progress:
                 progress(epoch=epoch + 1, epochs=options.epochs, loss=loss_sum / seen,
                          rate=seen / (time.perf_counter() - started), advance=len(labels))
         scheduler.step()
+        bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise HanEdgeError(f"training diverged: weights {bad} are not finite after epoch {epoch + 1}, step {step} "
+                               f"(lr {options.lr:g}); {_kept(out)}, try a lower --lr")
         history.append({"epoch": epoch + 1, "loss": loss_sum / seen,
                         "images_per_s": seen / (time.perf_counter() - started)})
         write(epoch + 1)
     if start_epoch >= options.epochs and not resume:   # --epochs 0: the untrained baseline, same file format
         write(0)
     return {"checkpoint": str(out), "variant": config.variant, "device": str(device), "history": history}
+
+
+def _kept(out: Path) -> str:
+    return f"the checkpoint {out} of the last finite epoch is kept" if out.is_file() else "nothing was written"

@@ -6,6 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from han_edge.errors import HanEdgeError
 from han_edge.preprocess import images_to_batch, load_image
 
 LEVEL_COLOURS = [(0, 0, 255), (0, 200, 0), (255, 128, 0)]   # BGR: level 1, 2, 3
@@ -23,10 +24,18 @@ def region_boxes(theta: np.ndarray, regions: int, height: int, width: int) -> li
 
 
 def attention_figure(checkpoint: str | Path, image_path: str | Path, out: str | Path) -> Path:
+    """Write the figure as PNG to ``out`` (atomically; the destination is checked before the model is loaded)."""
     import torch
 
     from han_edge.checkpoint import model_from_checkpoint
+    from han_edge.fileio import atomic_write_bytes, check_destination, ensure_folder
 
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise HanEdgeError(f"the attention picture is written as PNG; name it *.png, not {out.name}")
+    if not out.parent.exists():
+        ensure_folder(out.parent, "picture folder")
+    check_destination(out, "attention picture")
     model, config, _ = model_from_checkpoint(checkpoint)
     image = load_image(image_path)
     x = images_to_batch([image], config.input_size, config.mean, config.std)
@@ -46,9 +55,7 @@ def attention_figure(checkpoint: str | Path, image_path: str | Path, out: str | 
         heat = cv2.applyColorMap((cv2.resize(soft, (w * SCALE, h * SCALE)) * 255).astype(np.uint8), cv2.COLORMAP_JET)
         panels.append(cv2.addWeighted(resized, 0.5, heat, 0.5, 0))
     figure = np.concatenate([np.pad(p, ((4, 4), (4, 4), (0, 0)), constant_values=255) for p in panels], axis=1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out), figure):
-        from han_edge.errors import HanEdgeError
-        raise HanEdgeError(f"cannot write {out}")
-    return out
+    ok, png = cv2.imencode(".png", figure)
+    if not ok:
+        raise HanEdgeError(f"cannot encode the attention picture for {out}")
+    return atomic_write_bytes(out, png.tobytes(), "attention picture")

@@ -1,0 +1,346 @@
+"""Input schemas at the boundary: what han-edge accepts from callers and files, and one sentence for the rest.
+
+The bottom layer: imports only NumPy and the error type, so the runtime, the gallery, the pipeline and
+the CLI can all call it. Every function returns a clean value or raises ``HanEdgeError`` with one
+sentence naming the offending item (box index, id index, file key); none lets a raw ``ValueError``,
+``TypeError`` or ``OverflowError`` through. Tested in ``tests/test_hostile_inputs.py`` (hypothesis).
+
+Policies (the ambiguous cases, decided once):
+
+- **Boxes** are ``[[x1, y1, x2, y2], ...]`` in pixels: a list/tuple of 4-sequences or an ``(N, 4)``
+  real array, returned as ``float64 (N, 4)``. Refused, naming the box: a box that is not a sequence of
+  exactly four numbers (ragged, nested, a string, a dict, a scalar), a bool or a string or ``None``
+  as a coordinate, NaN/inf or a number too large for a float. A flat ``[x1, y1, x2, y2]`` is refused
+  (box 0 is a number) rather than guessed to be one box. An empty list is ``(0, 4)``. Inverted or
+  zero-area boxes are *not* judged here: only the runtime knows the frame and clips/rejects them.
+- **Boxes files** (JSON): UTF-8 (a BOM is allowed), at most ``MAX_BOXES_FILE`` bytes, one object
+  ``{"image name" or "frame index": boxes}``; NaN/Infinity literals and duplicate keys are refused.
+  Frame keys (video) are decimal integers >= 0 (``"007"`` is frame 7; two keys for one frame are
+  refused). Keys that match no image, and frames the video does not have, are errors naming them
+  (``unmatched_keys``, ``missing_frames``): a silent "0 features" would hide a wrong file.
+- **Ids** (identities, cameras): integers, returned as ``int64``. Floats are accepted only when
+  integral (``2.0``), never truncated (``1.9`` is refused); bools, strings (even ``"12"``), ``None`` and
+  values beyond int64 are refused naming the index; the length must equal the number of features.
+- **Scalars** such as ``k`` or a dimension: a Python or NumPy integer >= 1; bools and floats
+  (even ``5.0``) and strings are refused.
+- **Arrays of numbers** (network inputs, features, queries) must be finite: NaN or inf is refused naming
+  the rows, for NumPy and any array-API array (CuPy), rather than returning NaN features or id -1.
+- **Images** (frames, crops): ``uint8`` ``H x W x 3`` arrays with H, W >= 1; ``None`` (a failed
+  ``cv2.imread``) is refused naming the crop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from han_edge.errors import HanEdgeError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading
+MAX_FEATURE_DIM = 1 << 16
+_FRAME_KEY = re.compile(r"[0-9]+", re.ASCII)
+_UNSAFE_ADVICE = re.compile(r"weights_only|allow_pickle|pickle|trust|arbitrary code|can still be loaded|file an issue",
+                            re.IGNORECASE)
+PYTHON_OBJECTS = "it holds Python objects, which han-edge never loads (loading them could run code)"
+
+
+# -- messages ------------------------------------------------------------------------------------------------
+def reason(err: BaseException | str, limit: int = 200) -> str:
+    """The first useful sentence of a library's error message, without advice to do something unsafe.
+
+    PyTorch suggests retrying with ``weights_only=False`` and NumPy suggests ``allow_pickle=True``; both
+    would run code from the file, so such sentences are dropped, never passed on.
+    """
+    text = (str(err).strip() or type(err).__name__) if isinstance(err, BaseException) else str(err).strip()
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+    safe = [s for s in sentences if not _UNSAFE_ADVICE.search(s)]
+    first = safe[0] if safe else PYTHON_OBJECTS
+    first = first.rstrip(".")
+    return first if len(first) <= limit else first[:limit - 3].rstrip() + "..."
+
+
+def _describe(value) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, np.bool_)):
+        return f"the bool {value}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 20 else value[:17] + "..."
+        return f"the string {shown!r}"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)}"
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    text = repr(value)
+    return text if len(text) <= 30 else text[:27] + "..."
+
+
+def _real(value) -> float | None:
+    """A finite float from a real number that is not a bool, else None."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# -- boxes ---------------------------------------------------------------------------------------------------
+def boxes_array(obj, what: str = "boxes") -> np.ndarray:
+    """``[[x1, y1, x2, y2], ...]`` (sequence or ``(N, 4)`` array) as ``float64 (N, 4)``; see the module policy."""
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "iuf":
+        if obj.size == 0 and obj.ndim in (1, 2) and (obj.ndim == 1 or obj.shape[1] == 4):
+            return np.zeros((0, 4), np.float64)
+        if obj.ndim != 2 or obj.shape[1] != 4:
+            raise HanEdgeError(f"{what} must be an (N, 4) array of [x1, y1, x2, y2]; got shape {obj.shape}")
+        out = obj.astype(np.float64)
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():
+            raise HanEdgeError(f"{what}: box {int(np.argmax(bad))} has a NaN or infinite coordinate")
+        return out
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind != "O":
+            raise HanEdgeError(f"{what} must hold numbers; got an array of {obj.dtype}")
+        obj = list(obj)
+    if not isinstance(obj, (list, tuple)):
+        raise HanEdgeError(f"{what} must be a list of [x1, y1, x2, y2] boxes; got {_describe(obj)}")
+    out = np.empty((len(obj), 4), np.float64)
+    for i, box in enumerate(obj):
+        if isinstance(box, np.ndarray):
+            box = box.tolist() if box.ndim == 1 else box
+        if not isinstance(box, (list, tuple)):
+            raise HanEdgeError(f"{what}: box {i} is {_describe(box)}, not [x1, y1, x2, y2]")
+        if len(box) != 4:
+            raise HanEdgeError(f"{what}: box {i} has {len(box)} values, not 4 (x1, y1, x2, y2)")
+        for j, value in enumerate(box):
+            number = _real(value)
+            if number is None:
+                kind = "not a number"
+                if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+                    kind = "too large for a coordinate"
+                elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                    kind = "not finite"
+                raise HanEdgeError(f"{what}: box {i} coordinate {j} is {_describe(value)}, {kind}")
+            out[i, j] = number
+    return out
+
+
+def _strict_object(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise HanEdgeError(f"key {duplicate!r} appears more than once")
+    return dict(pairs)
+
+
+def _no_constant(name):
+    raise HanEdgeError(f"{name} is not a JSON number")
+
+
+def boxes_file(path: str | Path) -> dict[str, np.ndarray]:
+    """A boxes JSON file ``{"name" or "frame index": [[x1, y1, x2, y2], ...]}`` as key -> ``float64 (N, 4)``."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise HanEdgeError(f"boxes file {path} is a directory")
+        if not path.is_file():
+            raise HanEdgeError(f"boxes file {path} not found")
+        size = path.stat().st_size
+        if size > MAX_BOXES_FILE:
+            raise HanEdgeError(f"boxes file {path} is {size / 2**20:.0f} MiB; at most {MAX_BOXES_FILE // 2**20} MiB "
+                               f"is read")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise HanEdgeError(f"cannot read boxes file {path}: {reason(err.strerror or err)}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise HanEdgeError(f"boxes file {path} is not UTF-8 text (byte {err.start} is 0x{raw[err.start]:02x})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+    except HanEdgeError as err:
+        raise HanEdgeError(f"boxes file {path}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise HanEdgeError(f"boxes file {path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") \
+            from None
+    except RecursionError:
+        raise HanEdgeError(f"boxes file {path} is nested too deeply to be boxes") from None
+    if not isinstance(data, dict):
+        raise HanEdgeError(f"boxes file {path} must hold one object {{name or frame index: [[x1, y1, x2, y2], ...]}}, "
+                           f"not {_describe(data)}")
+    return {key: boxes_array(value, f"boxes file {path}, key {key!r}") for key, value in data.items()}
+
+
+def frame_keys(boxes: dict[str, np.ndarray], source: str = "boxes file") -> dict[int, np.ndarray]:
+    """Boxes keyed by video frame index: every key a decimal integer >= 0, one key per frame."""
+    frames: dict[int, np.ndarray] = {}
+    for key, value in boxes.items():
+        text = str(key).strip()
+        if not _FRAME_KEY.fullmatch(text):
+            raise HanEdgeError(f"{source}: key {key!r} is not a frame index (a whole number >= 0)")
+        index = int(text)
+        if index in frames:
+            raise HanEdgeError(f"{source}: frame {index} is given twice (keys {key!r} and another)")
+        frames[index] = value
+    return frames
+
+
+def _names(items: list, limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def unmatched_keys(boxes: dict, available: Iterable[str], source: str = "boxes file", where: str = "the images") -> None:
+    """Refuse box keys that name no image: a wrong or stale boxes file must not yield "0 features"."""
+    names = set(available)
+    missing = sorted(str(k) for k in boxes if k not in names)
+    if missing:
+        raise HanEdgeError(f"{source} names {len(missing)} image{'s' * (len(missing) > 1)} not among {where}: "
+                           f"{_names(missing)}")
+
+
+def missing_frames(frames: Iterable[int], frame_count: int, source: str = "boxes file", video: str = "the video") -> None:
+    """Refuse frame indices at or beyond the number of frames the video had."""
+    missing = sorted(int(f) for f in frames if int(f) >= frame_count)
+    if missing:
+        raise HanEdgeError(f"{source} has boxes for frame{'s' * (len(missing) > 1)} {_names(missing)} but {video} "
+                           f"has {frame_count} frames")
+
+
+# -- ids, scalars --------------------------------------------------------------------------------------------
+def ids_array(ids, n: int | None = None, what: str = "ids") -> np.ndarray:
+    """Integer ids (identities, cameras) as ``int64 (n,)``; see the module policy."""
+    if ids is None or isinstance(ids, (str, bytes, dict, set, numbers.Number, np.generic)):
+        raise HanEdgeError(f"{what} must be a list or 1-D array of integers; got {_describe(ids)}")
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+        if ids.ndim != 1:
+            raise HanEdgeError(f"{what} must be 1-D; got shape {ids.shape}")
+        if ids.dtype == np.uint64 and ids.size and int(ids.max()) > INT64_MAX:
+            raise HanEdgeError(f"{what}: id {int(np.argmax(ids > INT64_MAX))} is beyond the 64-bit integer range")
+        out = ids.astype(np.int64)
+    elif isinstance(ids, np.ndarray) and ids.dtype.kind == "f":
+        if ids.ndim != 1:
+            raise HanEdgeError(f"{what} must be 1-D; got shape {ids.shape}")
+        bad = ~np.isfinite(ids) | (ids != np.round(ids)) | (ids < INT64_MIN) | (ids >= 2.0**63)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise HanEdgeError(f"{what}: id {i} is {ids[i].item()!r}, not an integer (ids are never rounded)")
+        out = ids.astype(np.int64)
+    else:
+        try:
+            items = list(ids)
+        except TypeError:
+            raise HanEdgeError(f"{what} must be a list or 1-D array of integers; got {_describe(ids)}") from None
+        out = np.empty(len(items), np.int64)
+        for i, value in enumerate(items):
+            out[i] = _integer(value, f"{what}: id {i}")
+    if n is not None and len(out) != n:
+        raise HanEdgeError(f"{len(out)} {what} for {n} features; give one per feature")
+    return out
+
+
+def _integer(value, label: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise HanEdgeError(f"{label} is {_describe(value)}, not an integer")
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+    elif isinstance(value, numbers.Real):
+        number_f = float(value)
+        if not math.isfinite(number_f) or number_f != round(number_f):
+            raise HanEdgeError(f"{label} is {_describe(value)}, not an integer (ids are never rounded)")
+        number = int(number_f)
+    else:
+        raise HanEdgeError(f"{label} is {_describe(value)}, not an integer")
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise HanEdgeError(f"{label} is beyond the 64-bit integer range")
+    return number
+
+
+def positive_int(value, name: str, maximum: int | None = None) -> int:
+    """A Python/NumPy integer >= 1 (and <= ``maximum``); bools, floats and strings refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise HanEdgeError(f"{name} must be a whole number >= 1; got {_describe(value)}")
+    value = int(value)
+    if value < 1:
+        raise HanEdgeError(f"{name} must be at least 1; got {value}")
+    if maximum is not None and value > maximum:
+        raise HanEdgeError(f"{name} must be at most {maximum}; got {value}")
+    return value
+
+
+def feature_dim(dim) -> int:
+    """A feature width: an integer from 1 to ``MAX_FEATURE_DIM``."""
+    return positive_int(dim, "the feature dimension", MAX_FEATURE_DIM)
+
+
+# -- arrays --------------------------------------------------------------------------------------------------
+def _namespace(array):
+    return array.__array_namespace__() if hasattr(array, "__array_namespace__") else np
+
+
+def _host(array) -> np.ndarray:
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
+
+
+def finite(array, what: str = "array"):
+    """``array`` unchanged if every value is finite (NumPy or any array-API array), else one sentence naming rows."""
+    if not hasattr(array, "dtype") or not hasattr(array, "shape"):
+        raise HanEdgeError(f"{what} must be an array; got {_describe(array)}")
+    kind = getattr(array.dtype, "kind", None) or np.dtype(str(array.dtype)).kind
+    if kind in "iub":
+        return array
+    if kind not in "fc":
+        raise HanEdgeError(f"{what} must hold numbers; got {array.dtype}")
+    xp = _namespace(array)
+    ok = xp.isfinite(array)
+    if bool(xp.all(ok)):
+        return array
+    if array.ndim >= 2:
+        rows = np.flatnonzero(~_host(xp.all(xp.reshape(ok, (array.shape[0], -1)), axis=1)))
+        where = f"row{'s' * (len(rows) > 1)} {_names(rows.tolist())}"
+    else:
+        where = f"position{'s' * (int((~_host(ok)).sum()) > 1)} {_names(np.flatnonzero(~_host(ok)).tolist())}"
+    raise HanEdgeError(f"{what} hold NaN or infinite values (in {where})")
+
+
+def features_array(array, dim: int, what: str = "features"):
+    """A ``(N, dim)`` real, finite array (NumPy or array-API); a 1-D vector is refused, not guessed to be one row."""
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        try:
+            array = np.asarray(array, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):
+            raise HanEdgeError(f"{what} must be an (N, {dim}) array of numbers; got {_describe(array)}") from None
+    if array.ndim != 2 or array.shape[1] != dim:
+        raise HanEdgeError(f"{what} must have shape (N, {dim}); got {tuple(array.shape)}")
+    return finite(array, what)
+
+
+def image(array, what: str = "frame") -> np.ndarray:
+    """A ``uint8`` ``H x W x 3`` (BGR) image; ``None`` is refused naming it (e.g. a failed ``cv2.imread``)."""
+    if array is None:
+        raise HanEdgeError(f"{what} is None (an image that failed to load?)")
+    if not isinstance(array, np.ndarray):
+        raise HanEdgeError(f"{what} must be a NumPy uint8 H x W x 3 image; got {_describe(array)}")
+    if array.dtype != np.uint8:
+        raise HanEdgeError(f"{what} must be uint8; got {array.dtype}")
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise HanEdgeError(f"{what} must be H x W x 3 with H, W >= 1; got shape {array.shape}")
+    return array
+
+
+def images(crops, what: str = "crop") -> list[np.ndarray]:
+    """A list of images (see ``image``), naming the index of a bad one."""
+    if isinstance(crops, np.ndarray) and crops.ndim == 4:
+        crops = list(crops)
+    if not isinstance(crops, (list, tuple)):
+        raise HanEdgeError(f"{what}s must be a list of uint8 H x W x 3 images; got {_describe(crops)}")
+    return [image(c, f"{what} {i}") for i, c in enumerate(crops)]
