@@ -1,14 +1,74 @@
-"""What every command module shares: the Typer apps, the console, progress bars, report writing."""
+"""What every command module shares: the Typer apps, the console, progress bars, report writing, option checks.
+
+Bad input never ends in a traceback: ``HanEdgeGroup`` (the app's command class) turns ``HanEdgeError``
+into one red sentence on stderr and exit 2 (``MissingDependencyError``: exit 3), and so do a
+``MemoryError`` and an ``OSError`` from deep inside a library (a full disk, a file that vanished).
+Option values are checked by Typer/Click before the command body runs (ranges, choices and the
+callbacks below): a usage error, exit 2, before any work starts.
+
+Policies for options: output files may name a folder that does not exist yet (it is created, like
+``mkdir -p``); a directory, a read-only folder or file, or a parent that is a file is refused before any
+work. Batch sizes are 1..``MAX_BATCH`` (bounded memory: about 0.25 MB of network input and activations per
+image on CPU), learning rates finite and > 0.
+"""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from han_edge.errors import HanEdgeError, MissingDependencyError
+
+MAX_BATCH = 4096
+MAX_GALLERY = 10_000_000     # entries of a synthetic bench gallery (10M x 1024 float32 = 41 GB)
+
+
+def one_line(message: str) -> str:
+    """A message as one line, with any advice to load untrusted data unsafely dropped (see ``validate.reason``)."""
+    from han_edge.validate import _UNSAFE_ADVICE, reason
+
+    message = " ".join(str(message).split())
+    return reason(message, 400) if _UNSAFE_ADVICE.search(message) else message
+
+
+def fail(message: str, code: int = 2, label: str = "error") -> None:
+    """Print ``label: message`` in red on stderr, never wrapped, and exit with ``code``."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]{label}:[/] {escape(one_line(message))}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _os_error(err: OSError) -> str:
+    from han_edge.fileio import _reason
+
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot use{where}: {_reason(err)}"
+
+
+class HanEdgeGroup(TyperGroup):
+    """The app's command group: errors meant for the user become one sentence and an exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MissingDependencyError as err:
+            fail(str(err), 3, "missing")
+        except HanEdgeError as err:
+            fail(str(err), 2)
+        except MemoryError:
+            fail("out of memory; use a smaller --batch / --batch-size / --gallery-size, or fewer boxes per frame", 2)
+        except OSError as err:
+            if err.errno == errno.EPIPE:
+                raise
+            fail(_os_error(err), 2)
+
+
+app = typer.Typer(cls=HanEdgeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="han-edge: HAN person re-id from training to TensorRT engines on Jetson and data-centre GPUs.")
 profile_app = typer.Typer(no_args_is_help=True, help="FLOPs/params per variant and cost-effectiveness tables.")
 app.add_typer(profile_app, name="profile")
@@ -27,3 +87,78 @@ def write_json(path: Optional[Path], data) -> None:
 
         write(path, data)
         console.print(f"wrote {path}")
+
+
+# -- option checks (Typer callbacks: they run while parsing, before the command body) --------------------------
+def _bad(err: HanEdgeError) -> typer.BadParameter:
+    return typer.BadParameter(str(err))
+
+
+def output_file(what: str):
+    """Callback for an output file option: the parent is created if missing, then the destination is checked."""
+    def check(value: Optional[Path]) -> Optional[Path]:
+        if value is None:
+            return None
+        from han_edge.fileio import check_destination, ensure_folder
+
+        try:
+            path = Path(value)
+            if str(value) and not str(value).endswith("/") and not path.parent.exists():
+                ensure_folder(path.parent, f"folder for the {what}")
+            return check_destination(value, what)
+        except HanEdgeError as err:
+            raise _bad(err) from None
+    return check
+
+
+def output_folder(what: str):
+    """Callback for an output folder option: created if missing, refused if it is a file or read-only."""
+    def check(value: Optional[Path]) -> Optional[Path]:
+        if value is None:
+            return None
+        from han_edge.fileio import ensure_folder
+
+        try:
+            return ensure_folder(value, what)
+        except HanEdgeError as err:
+            raise _bad(err) from None
+    return check
+
+
+def finite_positive(value: float) -> float:
+    """Callback: a finite number > 0 (Click's FloatRange lets NaN and inf through)."""
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"must be a finite number above 0, not {value}")
+    return value
+
+
+def batch_list(value: str) -> list[int]:
+    """Callback: ``"1,8,32"`` -> ``[1, 8, 32]``; each a whole number from 1 to ``MAX_BATCH``, duplicates dropped."""
+    parts = [p.strip() for p in str(value).split(",")]
+    if not any(parts):
+        raise typer.BadParameter("give at least one batch size, e.g. 1,8,32")
+    sizes = []
+    for part in parts:
+        if not part:
+            raise typer.BadParameter(f"{value!r} has an empty entry; write sizes like 1,8,32")
+        try:
+            size = int(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not a whole number; write sizes like 1,8,32") from None
+        if not 1 <= size <= MAX_BATCH:
+            raise typer.BadParameter(f"batch size {size} is outside 1..{MAX_BATCH}")
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def check_batches(opt_batch: Optional[int], max_batch: int) -> int:
+    """The engine profile's optimum batch: default min(32, max); larger than --max-batch is refused."""
+    if opt_batch is None:
+        return min(32, max_batch)
+    if opt_batch > max_batch:
+        raise typer.BadParameter(f"--opt-batch {opt_batch} is larger than --max-batch {max_batch}",
+                                 param_hint="'--opt-batch'")
+    return opt_batch

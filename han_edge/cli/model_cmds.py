@@ -3,38 +3,40 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from han_edge.cli.common import app, console, progress_bar, write_json
+from han_edge.cli.common import (MAX_BATCH, app, check_batches, console, output_file, output_folder, progress_bar,
+                                 write_json)
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
 
 # -- export / inspect ----------------------------------------------------------------------------------------
 @app.command()
 def export(
-    variant: str = typer.Option("small"),
-    checkpoint: Optional[Path] = typer.Option(None, help="trained checkpoint (default: fresh weights)"),
+    variant: Literal["small", "medium", "large"] = typer.Option("small"),
+    checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="trained checkpoint (default: fresh weights)"),
     fp16: bool = typer.Option(False, help="also write the FP16 model"),
     int8: bool = typer.Option(False, help="also write the calibrated INT8 Q/DQ model"),
-    target: str = typer.Option("tensorrt", help="INT8 flavour: tensorrt (symmetric S8) or cpu (U8 activations, ORT)"),
+    target: Literal["tensorrt", "cpu"] = typer.Option("tensorrt", help="INT8 flavour: tensorrt (symmetric S8) or cpu (U8 activations, ORT)"),
     int8_exclude: Optional[str] = typer.Option(None, help="comma-separated layer groups kept in float (skips the sensitivity analysis)"),
-    calibration: str = typer.Option("percentile", help="percentile, entropy or minmax"),
-    calib: Optional[Path] = typer.Option(None, help="folder of calibration crops (default: synthetic training images)"),
-    calib_size: int = typer.Option(256, help="number of calibration images"),
-    max_batch: int = typer.Option(64, help="engine profile maximum batch"),
-    opt_batch: int = typer.Option(32, help="engine profile optimum batch"),
-    workspace: int = typer.Option(1024, help="TensorRT workspace limit in MiB"),
+    calibration: Literal["percentile", "entropy", "minmax"] = typer.Option("percentile", help="calibration method"),
+    calib: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of calibration crops (default: synthetic training images)"),
+    calib_size: int = typer.Option(256, min=1, max=100_000, help="number of calibration images"),
+    max_batch: int = typer.Option(64, min=1, max=MAX_BATCH, help="engine profile maximum batch"),
+    opt_batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="engine profile optimum batch (default: min(32, --max-batch))"),
+    workspace: int = typer.Option(1024, min=1, max=1 << 20, help="TensorRT workspace limit in MiB"),
     no_engine: bool = typer.Option(False, "--no-engine", help="write the ONNX files only"),
-    out: Path = typer.Option(Path("export")),
-    engines: Path = typer.Option(Path("engines")),
-    as_json: Optional[Path] = typer.Option(None, "--json"),
+    out: Path = typer.Option(Path("export"), callback=output_folder("export --out folder")),
+    engines: Path = typer.Option(Path("engines"), callback=output_folder("--engines folder")),
+    as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Export ONNX (FP32, FP16, INT8), then build the TensorRT engine when TensorRT and a GPU are present."""
-    from han_edge.export import ExportOptions, export_all
+    opt_batch = check_batches(opt_batch, max_batch)   # before the export, not after it
+    from han_edge.jobs import ExportOptions, export_all
 
     options = ExportOptions(variant=variant, checkpoint=str(checkpoint) if checkpoint else None, fp16=fp16,
                             int8=int8, int8_target=target,
@@ -61,13 +63,14 @@ def export(
 
 @app.command("build")
 def build_command(
-    onnx_path: Path = typer.Argument(..., help="an ONNX file written by `han-edge export`"),
-    engine: Optional[Path] = typer.Option(None, help="output .plan (default: engines/<onnx name>.plan)"),
-    max_batch: int = typer.Option(64),
-    opt_batch: int = typer.Option(32),
-    workspace: int = typer.Option(1024, help="TensorRT workspace limit in MiB"),
+    onnx_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="an ONNX file written by `han-edge export`"),
+    engine: Optional[Path] = typer.Option(None, callback=output_file("engine"), help="output .plan (default: engines/<onnx name>.plan)"),
+    max_batch: int = typer.Option(64, min=1, max=MAX_BATCH),
+    opt_batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="default: min(32, --max-batch)"),
+    workspace: int = typer.Option(1024, min=1, max=1 << 20, help="TensorRT workspace limit in MiB"),
 ):
     """Compile an exported ONNX into a TensorRT engine on this machine (e.g. on the Jetson: no PyTorch needed)."""
+    opt_batch = check_batches(opt_batch, max_batch)
     engine = engine or Path("engines") / (onnx_path.name.removesuffix(".onnx") + ".plan")
     compile_engine(onnx_path, engine, opt_batch, max_batch, workspace, engine.parent / "timing.cache")
 
@@ -109,7 +112,8 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
         rows = {"precision": side["precision"], "batch (min/opt/max)": "/".join(str(v) for v in side["batch"].values()),
                 "built with": f"TensorRT {side['tensorrt']} on {side['gpu']} (sm {side['compute_capability']})"}
     else:
-        from han_edge.export import load_onnx, onnx_metadata, op_counts
+        from han_edge.exporter import op_counts
+        from han_edge.onnx_io import load_onnx, onnx_metadata
         from han_edge.config import config_from_metadata
 
         model = load_onnx(path)

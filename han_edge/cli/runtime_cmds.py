@@ -3,23 +3,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 from rich.table import Table
 
-from han_edge.cli.common import app, console, profile_app, progress_bar, write_json
+from han_edge.cli.common import (MAX_BATCH, MAX_GALLERY, app, batch_list, console, output_file, profile_app,
+                                 progress_bar, write_json)
 from han_edge.errors import HanEdgeError
 
 
 # -- runtime: embed / match / bench -----------------------------------------------------------------------
 @app.command()
 def embed(
-    engine: Path = typer.Option(..., "--engine", "--model", help=".plan/.engine, .onnx or .pt"),
-    images: Optional[Path] = typer.Option(None, help="folder of images (whole images are crops unless --boxes)"),
-    video: Optional[Path] = typer.Option(None, help="video file; needs --boxes keyed by frame index"),
-    boxes: Optional[Path] = typer.Option(None, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
-    out: Path = typer.Option(..., help="output .npz (a gallery file han-edge match reads)"),
+    engine: Path = typer.Option(..., "--engine", "--model", exists=True, dir_okay=False, help=".plan/.engine, .onnx or .pt"),
+    images: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of images (whole images are crops unless --boxes)"),
+    video: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="video file; needs --boxes keyed by frame index"),
+    boxes: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
+    out: Path = typer.Option(..., callback=output_file("gallery file"), help="output .npz (a gallery file han-edge match reads)"),
 ):
     """Embed person crops from images or video frames into a gallery file."""
     from han_edge.pipeline import embed_sources
@@ -35,11 +36,11 @@ def embed(
 
 @app.command()
 def match(
-    gallery: Path = typer.Option(..., help="gallery .npz (from embed or Gallery.save)"),
-    query: Path = typer.Option(..., help="query .npz (from embed)"),
-    k: int = typer.Option(5, "-k", help="matches per query"),
+    gallery: Path = typer.Option(..., exists=True, dir_okay=False, help="gallery .npz (from embed or Gallery.save)"),
+    query: Path = typer.Option(..., exists=True, dir_okay=False, help="query .npz (from embed)"),
+    k: int = typer.Option(5, "-k", min=1, max=10_000, help="matches per query"),
     exclude_same_camera: bool = typer.Option(False, help="skip gallery entries of the query's camera"),
-    as_json: Optional[Path] = typer.Option(None, "--json"),
+    as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Top-k gallery identities for every query feature."""
     from han_edge.gallery import Gallery
@@ -61,17 +62,17 @@ def match(
 
 @app.command()
 def bench(
-    engine: Path = typer.Option(..., "--engine", "--model", help=".plan/.engine, .onnx or .pt"),
-    batch: str = typer.Option("1,8,32,64", help="comma-separated batch sizes"),
-    iters: int = typer.Option(20, help="timed iterations per batch size (after warm-up)"),
-    gallery_size: int = typer.Option(10000, help="gallery entries to match against"),
-    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: default)"),
-    as_json: Optional[Path] = typer.Option(None, "--json"),
+    engine: Path = typer.Option(..., "--engine", "--model", exists=True, dir_okay=False, help=".plan/.engine, .onnx or .pt"),
+    batch: str = typer.Option("1,8,32,64", callback=batch_list, help=f"comma-separated batch sizes, each 1..{MAX_BATCH}"),
+    iters: int = typer.Option(20, min=1, max=100_000, help="timed iterations per batch size (after warm-up)"),
+    gallery_size: int = typer.Option(10000, min=1, max=MAX_GALLERY, help="gallery entries to match against"),
+    threads: int = typer.Option(0, min=0, max=1024, help="ONNX Runtime intra-op threads (0: default)"),
+    as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Latency (p50/p90/p99) and images/s of pre-process, inference, matching and end to end."""
     from han_edge.bench import run_bench
 
-    sizes = [int(b) for b in batch.split(",") if b.strip()]
+    sizes = list(batch)   # parsed and range-checked by batch_list
     with progress_bar() as bar:
         task = bar.add_task("bench", total=len(sizes), info=str(engine))
         result = run_bench(engine, sizes, iters, gallery_size, threads=threads, progress=lambda: bar.advance(task))
@@ -88,7 +89,7 @@ def bench(
 # -- profile -----------------------------------------------------------------------------------------------
 @profile_app.command("flops")
 def profile_flops(
-    variant: str = typer.Option("all", help="small, medium, large or all"),
+    variant: Literal["small", "medium", "large", "all"] = typer.Option("all", help="small, medium, large or all"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of a table"),
 ):
     """Parameters and multiply-adds per variant at 1x3x160x64, next to Table 1's FLOPs."""
@@ -109,16 +110,16 @@ def profile_flops(
 
 @profile_app.command("cost")
 def profile_cost(
-    model: List[Path] = typer.Option(..., "--model", "--engine", help="model files (.onnx/.plan/.pt), repeatable"),
-    batch: int = typer.Option(32),
-    iters: int = typer.Option(10),
-    eval_json: Optional[Path] = typer.Option(None, help="an `han-edge eval --json` result to show rank-1 from"),
-    as_json: Optional[Path] = typer.Option(None, "--json"),
+    model: List[Path] = typer.Option(..., "--model", "--engine", exists=True, dir_okay=False, help="model files (.onnx/.plan/.pt), repeatable"),
+    batch: int = typer.Option(32, min=1, max=MAX_BATCH),
+    iters: int = typer.Option(10, min=1, max=100_000),
+    eval_json: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="an `han-edge eval --json` result to show rank-1 from"),
+    as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Cost-effectiveness: MACs and params next to measured ms/image and images/s (and rank-1)."""
     from han_edge.profile import cost_table
 
-    rows = cost_table(model, batch, iters, json.loads(eval_json.read_text()) if eval_json else None)
+    rows = cost_table(model, batch, iters, read_eval_json(eval_json) if eval_json else None)
     write_json(as_json, rows)
     table = Table(title=f"cost-effectiveness at batch {batch}")
     for col in ("model", "variant", "precision", "backend", "MACs", "params", "ms/img", "img/s", "rank-1"):
@@ -130,3 +131,13 @@ def profile_cost(
     console.print(table)
 
 
+def read_eval_json(path: Path) -> dict:
+    """An `han-edge eval --json` report, or one sentence saying why it is not one."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise HanEdgeError(f"--eval-json {path} is not a JSON report: {str(err).splitlines()[0][:120]}") from None
+    rank1 = data.get("rank1") if isinstance(data, dict) else None
+    if isinstance(rank1, bool) or not isinstance(rank1, (int, float)) or not 0 <= rank1 <= 1:
+        raise HanEdgeError(f"--eval-json {path} is not an `han-edge eval --json` report (no rank1 between 0 and 1)")
+    return data

@@ -2,28 +2,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 from rich.table import Table
 
-from han_edge.cli.common import app, console, progress_bar, write_json
+from han_edge.cli.common import (MAX_BATCH, app, console, finite_positive, output_file, output_folder, progress_bar,
+                                 write_json)
+
+Dataset = Literal["synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "cuhk03-detected", "imagefolder"]
+Variant = Literal["small", "medium", "large"]
 
 
 # -- train / eval ------------------------------------------------------------------------------------------
 @app.command()
 def train(
-    dataset: str = typer.Option("synthetic", help="synthetic, market1501, dukemtmc, msmt17, cuhk03, cuhk03-detected, imagefolder"),
+    dataset: Dataset = typer.Option("synthetic", help="which dataset (see --root)"),
     root: Optional[Path] = typer.Option(None, help="dataset folder (synthetic: where to generate it; default data/synthetic)"),
-    variant: Optional[str] = typer.Option(None, help="small, medium or large (Table 1); default small, or the --resume checkpoint's"),
-    epochs: int = typer.Option(12, help="epoch budget; lr milestones at 1/3, 2/3, 5/6 of it (paper: 300)"),
-    batch_size: int = typer.Option(32),
-    lr: float = typer.Option(3e-2),
+    variant: Optional[Variant] = typer.Option(None, help="small, medium or large (Table 1); default small, or the --resume checkpoint's"),
+    epochs: int = typer.Option(12, min=0, max=100_000, help="epoch budget; lr milestones at 1/3, 2/3, 5/6 of it (paper: 300); 0 writes the untrained baseline"),
+    batch_size: int = typer.Option(32, min=1, max=MAX_BATCH),
+    lr: float = typer.Option(3e-2, callback=finite_positive, help="SGD learning rate (finite, > 0)"),
     flip: bool = typer.Option(False, help="random horizontal flip"),
     random_erasing: bool = typer.Option(False, help="random erasing (the paper's RE rows)"),
-    resume: Optional[Path] = typer.Option(None, help="checkpoint to continue from"),
-    out: Path = typer.Option(Path("runs/han_small.pt"), help="checkpoint written after every epoch"),
-    seed: int = typer.Option(0),
+    resume: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="checkpoint to continue from"),
+    out: Path = typer.Option(Path("runs/han_small.pt"), callback=output_file("checkpoint"),
+                             help="checkpoint written after every epoch (checked before training starts)"),
+    seed: int = typer.Option(0, min=0, max=2**32 - 1),
 ):
     """Train HAN with multi-branch cross-entropy and SGD (Section 4); runs on CPU, uses CUDA when present."""
     from han_edge.data import load_dataset
@@ -61,16 +66,18 @@ def print_metrics(result: dict, title: str) -> None:
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "--model", help=".pt checkpoint, .onnx or .plan"),
-    dataset: str = typer.Option("synthetic"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "--model", exists=True, dir_okay=False,
+                                    help=".pt checkpoint, .onnx or .plan"),
+    dataset: Dataset = typer.Option("synthetic"),
     root: Optional[Path] = typer.Option(None),
     rerank: bool = typer.Option(False, help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)"),
     multi_query: bool = typer.Option(False, help="Market-1501 multi-query (same-camera query average)"),
-    as_json: Optional[Path] = typer.Option(None, "--json", help="write rank1/5/10, mAP (0..1) and num_query here"),
+    as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report"),
+                                           help="write rank1/5/10, mAP (0..1) and num_query here"),
 ):
     """CMC rank-1/5/10 and mAP under the Market-1501 protocol, with any runtime backend."""
     from han_edge.data import load_dataset
-    from han_edge.evaluate import evaluate_model
+    from han_edge.jobs import evaluate_model
 
     data = load_dataset(dataset, root)
     with progress_bar() as bar:
@@ -84,9 +91,9 @@ def evaluate(
 # -- visualize / demo --------------------------------------------------------------------------------------
 @app.command()
 def visualize(
-    checkpoint: Path = typer.Option(...),
-    image: Path = typer.Option(...),
-    out: Path = typer.Option(Path("attention.png")),
+    checkpoint: Path = typer.Option(..., exists=True, dir_okay=False),
+    image: Path = typer.Option(..., exists=True, dir_okay=False),
+    out: Path = typer.Option(Path("attention.png"), callback=output_file("attention picture"), help="a .png file"),
 ):
     """PNG of the hard-attention regions (3 levels x 4) and soft spatial attention maps (Fig. 7)."""
     from han_edge.visualize import attention_figure
@@ -97,12 +104,12 @@ def visualize(
 
 @app.command()
 def demo(
-    epochs: int = typer.Option(8, help="training epochs on the synthetic set"),
-    workdir: Path = typer.Option(Path("runs/demo")),
-    batch: int = typer.Option(32, help="batch size for the throughput column"),
+    epochs: int = typer.Option(8, min=0, max=100_000, help="training epochs on the synthetic set"),
+    workdir: Path = typer.Option(Path("runs/demo"), callback=output_folder("demo --workdir")),
+    batch: int = typer.Option(32, min=1, max=MAX_BATCH, help="batch size for the throughput column"),
 ):
     """Synthetic set -> train HAN(Small) -> export FP32 + INT8 -> gallery search per precision, one table."""
-    from han_edge.pipeline import run_demo
+    from han_edge.jobs import run_demo
 
     run_demo(epochs, workdir, batch, console, progress_bar)
 
