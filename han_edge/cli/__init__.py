@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from han_edge.cli import train_cmds, model_cmds, runtime_cmds  # noqa: F401,I001  (they register the commands, in help order)
+from han_edge.cli import train_cmds, model_cmds, runtime_cmds, serve_cmds  # noqa: F401,I001  (they register the commands, in help order)
 from han_edge.cli.common import app, fail
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
