@@ -37,15 +37,73 @@ def side_file(engine_path: str | Path) -> Path:
 
 
 def read_engine_metadata(engine_path: str | Path) -> dict:
+    """The engine's side file ``<engine>.json``, checked against its schema, or one sentence saying what is wrong.
+
+    Schema: ``metadata`` (the ONNX metadata: string keys and values, a valid ``han_edge.config``),
+    ``precision`` (one of ``config.PRECISIONS``, equal to the metadata's), ``tensorrt`` (a version),
+    ``gpu`` and ``compute_capability`` (strings), ``batch`` ({min, opt, max}: 1 <= min <= opt <= max),
+    optional ``source_onnx``; optional ``plan_bytes`` / ``plan_sha256`` must match the ``.plan``
+    (a side file copied next to another engine is caught). No TensorRT is needed to read it.
+    """
+    import hashlib
+    import re
+
+    from han_edge.config import PRECISIONS
+
+    engine_path = Path(engine_path)
     path = side_file(engine_path)
-    if not Path(engine_path).is_file():
+    if engine_path.is_dir():
+        raise HanEdgeError(f"engine {engine_path} is a directory, not a file")
+    if not engine_path.is_file():
         raise HanEdgeError(f"engine {engine_path} not found")
     if not path.is_file():
         raise HanEdgeError(f"engine {engine_path} has no metadata file {path.name}; rebuild it with `han-edge export`")
+    if engine_path.stat().st_size == 0:
+        raise HanEdgeError(f"engine {engine_path} is empty")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HanEdgeError(f"engine metadata {path} is corrupt: {err}") from None
+        side = json.loads(path.read_bytes().decode("utf-8-sig"),
+                          parse_constant=lambda name: (_ for _ in ()).throw(ValueError(f"{name} is not a JSON number")))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise HanEdgeError(f"engine metadata {path} is corrupt: {str(err).splitlines()[0][:150]}") from None
+
+    def bad(why: str) -> HanEdgeError:
+        return HanEdgeError(f"engine metadata {path} is not a han-edge side file: {why}")
+
+    if not isinstance(side, dict):
+        raise bad(f"it holds a {type(side).__name__}, not an object")
+    meta = side.get("metadata")
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("'metadata' must be an object of strings")
+    config, meta_precision = config_from_metadata(meta, f"engine metadata {path}")
+    precision = side.get("precision")
+    if precision not in PRECISIONS:
+        raise bad(f"'precision' must be one of {', '.join(PRECISIONS)}")
+    if "han_edge.precision" in meta and precision != meta_precision:
+        raise bad(f"'precision' says {precision} but the model metadata says {meta_precision}")
+    if not isinstance(side.get("tensorrt"), str) or not re.match(r"[0-9]+\.[0-9]+", side["tensorrt"]):
+        raise bad("'tensorrt' must be a version such as 10.3.0")
+    for key in ("gpu", "compute_capability"):
+        if not isinstance(side.get(key), str) or not side[key]:
+            raise bad(f"{key!r} must be a non-empty string")
+    batch = side.get("batch")
+    if not isinstance(batch, dict) or set(batch) != {"min", "opt", "max"} or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in batch.values()):
+        raise bad("'batch' must be {min, opt, max} whole numbers")
+    if not 1 <= batch["min"] <= batch["opt"] <= batch["max"]:
+        raise bad(f"'batch' must satisfy 1 <= min <= opt <= max, not {batch['min']}/{batch['opt']}/{batch['max']}")
+    if "source_onnx" in side and not isinstance(side["source_onnx"], str):
+        raise bad("'source_onnx' must be a string")
+    size = engine_path.stat().st_size
+    if "plan_bytes" in side and side["plan_bytes"] != size:
+        raise HanEdgeError(f"engine {engine_path} does not match its metadata file: {size} bytes, the side file says "
+                           f"{side['plan_bytes']}; rebuild it")
+    if "plan_sha256" in side:
+        digest = hashlib.sha256(engine_path.read_bytes()).hexdigest()
+        if digest != side["plan_sha256"]:
+            raise HanEdgeError(f"engine {engine_path} does not match its metadata file (its checksum differs); "
+                               f"rebuild it")
+    side["batch"] = {k: batch[k] for k in ("min", "opt", "max")}   # always in this order
+    return side
 
 
 @dataclass
