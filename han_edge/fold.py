@@ -116,3 +116,20 @@ def fold_file(src: str | Path, dst: str | Path | None = None) -> Path:
     dst = Path(dst) if dst is not None else folded_name(src)
     folded = fold_model(load_onnx(src))
     return save_onnx(folded, dst)
+
+
+def fold_export(result: dict, log=print) -> list[str]:
+    """Fold, in place, every ONNX an ``export_all`` result names (``fp32``: path; ``fp16``/``int8``: {"path": ...}).
+
+    In place, so the rest of ``export`` (the engine build, the JSON report) uses the folded files.
+    """
+    folded = []
+    for key in ("fp32", "fp16", "int8"):
+        entry = result.get(key)
+        path = entry.get("path") if isinstance(entry, dict) else entry
+        if not path or not str(path).endswith(".onnx"):
+            continue
+        fold_file(path, path)
+        folded.append(str(path))
+        log(f"folded the normalisation into {path} (input: RGB 0..255 float)")
+    return folded

@@ -30,6 +30,8 @@ def export(
     opt_batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="engine profile optimum batch (default: min(32, --max-batch))"),
     workspace: int = typer.Option(1024, min=1, max=1 << 20, help="TensorRT workspace limit in MiB"),
     no_engine: bool = typer.Option(False, "--no-engine", help="write the ONNX files only"),
+    fold_normalization: bool = typer.Option(False, "--fold-normalization",
+                                            help="ONNX files take RGB 0..255 and normalise inside (han-edge fold); engines are built from them"),
     out: Path = typer.Option(Path("export"), callback=output_folder("export --out folder")),
     engines: Path = typer.Option(Path("engines"), callback=output_folder("--engines folder")),
     as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
@@ -49,6 +51,10 @@ def export(
         def progress(done, total):
             bar.update(task, completed=done, total=total, visible=True, info="layer groups")
         result = export_all(options, log=console.print, progress=progress)
+    if fold_normalization:
+        from han_edge.fold import fold_export
+
+        result["folded"] = fold_export(result, log=console.print)
     write_json(as_json, result)
     if no_engine:
         return
