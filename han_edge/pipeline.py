@@ -17,15 +17,12 @@ _PID_CAM = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def _read_boxes(path: Path | None) -> dict | None:
+    """The boxes file checked against its schema (``validate.boxes_file``): key -> [[x1, y1, x2, y2], ...] floats."""
     if path is None:
         return None
-    try:
-        boxes = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise HanEdgeError(f"cannot read boxes file {path}: {err}") from None
-    if not isinstance(boxes, dict):
-        raise HanEdgeError(f"boxes file {path} must hold an object {{name or frame index: [[x1,y1,x2,y2], ...]}}")
-    return boxes
+    from han_edge.validate import boxes_file
+
+    return {key: value.tolist() for key, value in boxes_file(path).items()}
 
 
 def _pid_cam(name: str) -> tuple[int, int]:
