@@ -62,7 +62,71 @@ def save_onnx(model, path: str | Path) -> Path:
 
 
 def read_config(path: str | Path) -> tuple[HANConfig, str]:
-    return config_from_metadata(onnx_metadata(load_onnx(path)), str(path))
+    """(config, precision) of a han-edge ONNX file whose graph agrees with its metadata (``validate_han_model``)."""
+    model = load_onnx(path)
+    return validate_han_model(model, onnx_metadata(model), str(path))
+
+
+_FLOAT = 1   # onnx.TensorProto.FLOAT
+
+
+def _dims(value_info) -> list:
+    """A graph input/output's shape: ints for fixed axes, the axis name (or None) for dynamic ones."""
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+
+
+def _shape_text(dims: list) -> str:
+    return "x".join("N" if not isinstance(d, int) else str(d) for d in dims) or "unknown"
+
+
+def validate_han_model(model, meta: dict[str, str] | None = None, source: str = "the model") -> tuple[HANConfig, str]:
+    """(config, precision) if the graph is what its han-edge metadata describes, else one sentence naming the difference.
+
+    Checked: the metadata parses (``config_from_metadata``); exactly one graph input ``images`` and one output
+    ``features``, both float32; input ``(N, 3, H, W)`` with (H, W) = ``config.input_size`` and output
+    ``(N, feature_dim)``, the batch axis dynamic in both. An ONNX of another network carrying copied han-edge
+    metadata, or metadata of another input size or feature width, is refused here instead of failing inside
+    ONNX Runtime or TensorRT later.
+    """
+    meta = onnx_metadata(model) if meta is None else meta
+    config, precision = config_from_metadata(meta, source)
+    graph = model.graph
+    weights = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    outputs = list(graph.output)
+    if [i.name for i in inputs] != [INPUT] or [o.name for o in outputs] != [OUTPUT]:
+        raise HanEdgeError(f"{source}: the graph takes {[i.name for i in inputs]} and gives {[o.name for o in outputs]}, "
+                           f"but a han-edge model takes ['{INPUT}'] and gives ['{OUTPUT}']")
+    for role, value in (("input", inputs[0]), ("output", outputs[0])):
+        elem = value.type.tensor_type.elem_type
+        if elem != _FLOAT:
+            raise HanEdgeError(f"{source}: the graph's {role} '{value.name}' is {_elem_name(elem)}, not float32")
+    h, w = config.input_size
+    got_in, got_out = _dims(inputs[0]), _dims(outputs[0])
+    want_in, want_out = ["N", 3, h, w], ["N", config.feature_dim]
+    if len(got_in) != 4 or got_in[1:] != want_in[1:]:
+        raise HanEdgeError(f"{source}: the graph's input is {_shape_text(got_in)} but its metadata says "
+                           f"HAN({config.variant}) takes Nx3x{h}x{w}")
+    if len(got_out) != 2 or got_out[1:] != want_out[1:]:
+        raise HanEdgeError(f"{source}: the graph's output is {_shape_text(got_out)} but its metadata says "
+                           f"{config.feature_dim}-D features (Nx{config.feature_dim})")
+    for role, dims in (("input", got_in), ("output", got_out)):
+        if isinstance(dims[0], int):
+            raise HanEdgeError(f"{source}: the graph's {role} has a fixed batch of {dims[0]}; han-edge models have a "
+                               f"dynamic batch axis (re-export it with `han-edge export`)")
+    return config, precision
+
+
+def _elem_name(elem: int) -> str:
+    try:
+        import onnx
+
+        return onnx.helper.tensor_dtype_to_np_dtype(elem).name
+    except Exception:
+        return f"element type {elem}"
 
 
 def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None = None):

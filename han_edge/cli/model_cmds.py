@@ -105,26 +105,27 @@ def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch
 @app.command("inspect")
 def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")):
     """What a model file is: variant, precision, input size, batch range, op counts, size on disk."""
-    from han_edge.config import HANConfig
+    from han_edge.config import config_from_metadata
 
+    if path.is_dir():
+        raise HanEdgeError(f"{path} is a directory, not a model file")
     if not path.is_file():
         raise HanEdgeError(f"{path} not found")
     table = Table(title=str(path), show_header=False)
     if path.suffix in (".plan", ".engine"):
         from han_edge.engine import read_engine_metadata
 
-        side = read_engine_metadata(path)
-        config = HANConfig.from_json(side["metadata"]["han_edge.config"])
+        side = _not_han(path, read_engine_metadata, path)
+        config, _ = config_from_metadata(side["metadata"], str(path))
         rows = {"precision": side["precision"], "batch (min/opt/max)": "/".join(str(v) for v in side["batch"].values()),
                 "built with": f"TensorRT {side['tensorrt']} on {side['gpu']} (sm {side['compute_capability']})"}
     else:
         from han_edge.exporter import op_counts
-        from han_edge.onnx_io import load_onnx, onnx_metadata
-        from han_edge.config import config_from_metadata
+        from han_edge.onnx_io import load_onnx, onnx_metadata, validate_han_model
 
-        model = load_onnx(path)
+        model = _not_han(path, load_onnx, path)
         meta = onnx_metadata(model)
-        config, precision = config_from_metadata(meta, str(path))
+        config, precision = _not_han(path, validate_han_model, model, meta, str(path))
         dims = model.graph.input[0].type.tensor_type.shape.dim
         counts = op_counts(model)
         rows = {"precision": precision,
@@ -134,7 +135,10 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
                 "opset": str(max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))),
                 "han-edge": meta.get("han_edge.version", "?")}
         if "han_edge.int8_excluded" in meta:
-            rows["kept in float"] = ", ".join(json.loads(meta["han_edge.int8_excluded"])) or "none"
+            try:
+                rows["kept in float"] = ", ".join(map(str, json.loads(meta["han_edge.int8_excluded"]))) or "none"
+            except (ValueError, TypeError):
+                rows["kept in float"] = "unreadable"
     rows = {"variant": config.variant, "input": f"3x{config.input_size[0]}x{config.input_size[1]}",
             "feature": f"{config.feature_dim}-D", "mean/std": f"{config.mean} / {config.std}", **rows,
             "size": f"{path.stat().st_size / 2**20:.2f} MiB"}
@@ -143,3 +147,18 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
     console.print(table)
 
 
+def _not_han(path: Path, check, *args):
+    """``check(*args)``; its error becomes "<path> is not a han-edge model: <why>" (one sentence)."""
+    from han_edge.errors import MissingDependencyError
+
+    try:
+        return check(*args)
+    except MissingDependencyError:
+        raise
+    except HanEdgeError as err:
+        why = str(err)
+        for prefix in (f"engine metadata {path}.json", f"engine {path}", str(path)):
+            if why.startswith(prefix):
+                why = why[len(prefix):].lstrip(" :").removeprefix("is ")
+                break
+        raise HanEdgeError(f"{path} is not a han-edge model: {why}") from None
