@@ -1,7 +1,8 @@
 """Input schemas at the boundary: what han-edge accepts from callers and files, and one sentence for the rest.
 
-The bottom layer: imports only NumPy and the error type, so the runtime, the gallery, the pipeline and
-the CLI can all call it. Every function returns a clean value or raises ``HanEdgeError`` with one
+The bottom layer: imports only NumPy, the error type and ``han_edge.arrays`` (array-API namespace and
+explicit device-to-host copies, itself bottom layer), so the runtime, the gallery, the pipeline and the
+CLI can all call it. Every function returns a clean value or raises ``HanEdgeError`` with one
 sentence naming the offending item (box index, id index, file key); none lets a raw ``ValueError``,
 ``TypeError`` or ``OverflowError`` through. Tested in ``tests/test_hostile_inputs.py`` (hypothesis).
 
@@ -284,23 +285,26 @@ def feature_dim(dim) -> int:
 
 # -- arrays --------------------------------------------------------------------------------------------------
 def _namespace(array):
-    return array.__array_namespace__() if hasattr(array, "__array_namespace__") else np
+    from han_edge.arrays import namespace
+
+    return namespace(array)
 
 
 def _host(array) -> np.ndarray:
-    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
+    from han_edge.arrays import to_numpy      # explicit device -> host copy (only to name bad rows)
+
+    return to_numpy(array)
 
 
 def finite(array, what: str = "array"):
     """``array`` unchanged if every value is finite (NumPy or any array-API array), else one sentence naming rows."""
     if not hasattr(array, "dtype") or not hasattr(array, "shape"):
         raise HanEdgeError(f"{what} must be an array; got {_describe(array)}")
-    kind = getattr(array.dtype, "kind", None) or np.dtype(str(array.dtype)).kind
-    if kind in "iub":
-        return array
-    if kind not in "fc":
-        raise HanEdgeError(f"{what} must hold numbers; got {array.dtype}")
     xp = _namespace(array)
+    if xp.isdtype(array.dtype, ("integral", "bool")):
+        return array
+    if not xp.isdtype(array.dtype, ("real floating", "complex floating")):
+        raise HanEdgeError(f"{what} must hold numbers; got {array.dtype}")
     ok = xp.isfinite(array)
     if bool(xp.all(ok)):
         return array
@@ -309,7 +313,7 @@ def finite(array, what: str = "array"):
         where = f"row{'s' * (len(rows) > 1)} {_names(rows.tolist())}"
     else:
         where = f"position{'s' * (int((~_host(ok)).sum()) > 1)} {_names(np.flatnonzero(~_host(ok)).tolist())}"
-    raise HanEdgeError(f"{what} hold NaN or infinite values (in {where})")
+    raise HanEdgeError(f"{what}: NaN or infinite values in {where}")
 
 
 def features_array(array, dim: int, what: str = "features"):
