@@ -61,7 +61,7 @@ class MilvusIndex(VectorIndex):
     """Entries in a Milvus collection; search by FLAT (exact) or HNSW.
 
     ``MilvusIndex(dim, metric="l2", uri="gallery.db", collection="han_edge", index_type="flat",
-    hnsw_m=16, hnsw_ef_construction=200, hnsw_ef=128, token="", timeout_s=10.0)``
+    hnsw_m=16, hnsw_ef_construction=200, hnsw_ef=128, token="", timeout_s=30.0)``
 
     Opening an existing collection checks its dimension, metric and index type against the
     arguments and refuses a mismatch (one sentence) instead of touching the stored entries.
@@ -69,7 +69,7 @@ class MilvusIndex(VectorIndex):
 
     def __init__(self, dim: int, metric: str = "l2", uri: str | Path = "han_edge_gallery.db",
                  collection: str = "han_edge", index_type: str = "flat", hnsw_m: int = 16,
-                 hnsw_ef_construction: int = 200, hnsw_ef: int = 128, token: str = "", timeout_s: float = 10.0):
+                 hnsw_ef_construction: int = 200, hnsw_ef: int = 128, token: str = "", timeout_s: float = 30.0):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not 1 <= int(dim) <= 32768:
             raise HanEdgeError(f"the gallery dimension must be a whole number from 1 to 32768, got {dim!r}")
         if metric not in METRICS:
@@ -92,11 +92,16 @@ class MilvusIndex(VectorIndex):
         pymilvus = _pymilvus()
         self._exception = pymilvus.MilvusException
         self.client = None
+        self._lite_path = None if is_remote(self.uri) else str(Path(self.uri).resolve())
+        _lite_acquire(self._lite_path)
         try:
-            self.client = pymilvus.MilvusClient(uri=self.uri, token=token, timeout=self.timeout_s)
-        except HanEdgeError:
-            raise
+            with _quiet_pymilvus():
+                self.client = pymilvus.MilvusClient(uri=self.uri, token=token, timeout=self.timeout_s)
         except Exception as err:
+            _lite_release(self._lite_path)
+            if self._lite_path:
+                raise HanEdgeError(f"cannot open Milvus Lite file {self.uri} ({_first_line(err)}); Milvus Lite lets "
+                                   "one process open a file at a time: is another process using it?") from None
             raise HanEdgeError(f"cannot reach Milvus at {self.uri}: {_first_line(err)}") from None
         try:
             self._open_collection(pymilvus)
@@ -123,7 +128,8 @@ class MilvusIndex(VectorIndex):
     def _call(self, what: str, fn, *args, **kwargs):
         """A client call; any client/server error becomes one sentence naming the operation."""
         try:
-            return fn(*args, **kwargs)
+            with _quiet_pymilvus():
+                return fn(*args, **kwargs)
         except HanEdgeError:
             raise
         except Exception as err:
@@ -237,6 +243,11 @@ class MilvusIndex(VectorIndex):
                            ids=[int(p) for p in chunk], timeout=self.timeout_s)
             return int(len(pks))
 
+    def flush(self) -> None:
+        """Seal what was added into indexed segments now (Milvus otherwise does it in the background)."""
+        with self._lock:
+            self._call("flush the gallery", self.client.flush, self.collection, timeout=self.timeout_s)
+
     # -- reading ---------------------------------------------------------------------------------------
     def _count(self, expr: str = "") -> int:
         res = self._call("count entries", self.client.query, self.collection, filter=expr,
@@ -312,12 +323,14 @@ class MilvusIndex(VectorIndex):
         return pad_results(out_ids, out_d, k)
 
     def close(self) -> None:
+        """Close the connection; the last index on a Milvus Lite file also stops its embedded server (and file lock)."""
         client, self.client = self.client, None
         if client is not None:
             try:
                 client.close()
             except Exception:
                 pass
+            _lite_release(self._lite_path)
 
     def __enter__(self) -> "MilvusIndex":
         return self
@@ -326,16 +339,49 @@ class MilvusIndex(VectorIndex):
         self.close()
 
 
+# Milvus Lite runs its server in threads of this process, one per file, until process exit unless released:
+# count the open indexes per file and release the server (and its file lock) when the last one closes,
+# so a reopened index (or another process) sees the file as written.
+_LITE_USERS: dict[str, int] = {}
+_LITE_LOCK = threading.Lock()
+
+
+def _lite_acquire(path: str | None) -> None:
+    if path is not None:
+        with _LITE_LOCK:
+            _LITE_USERS[path] = _LITE_USERS.get(path, 0) + 1
+
+
+def _lite_release(path: str | None) -> None:
+    if path is None:
+        return
+    with _LITE_LOCK:
+        left = _LITE_USERS.get(path, 0) - 1
+        if left > 0:
+            _LITE_USERS[path] = left
+            return
+        _LITE_USERS.pop(path, None)
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:
+            return
+        with _quiet_pymilvus():
+            server_manager_instance.release_server(path)
+
+
 @contextlib.contextmanager
 def _quiet_pymilvus():
-    """pymilvus' query iterator logs a warning per scan on Milvus Lite (no server-side MVCC timestamp)."""
-    logger = logging.getLogger("pymilvus")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """pymilvus / milvus-lite log each failed call with a traceback (we raise one sentence instead) and a
+    warning per query-iterator scan on Milvus Lite (no server-side MVCC timestamp)."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _metric_name(milvus_metric: str) -> str:
