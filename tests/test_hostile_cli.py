@@ -1,0 +1,346 @@
+"""Hostile input through the CLI: every bad option, path or file is exit 2 (3: missing dependency), one sentence,
+no traceback, nothing written, and refused before any long work starts.
+
+``refused`` runs ``han_edge.cli.app`` in-process (CliRunner); a few cases go through the real entry point
+(``python -m han_edge.cli``) in a subprocess.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from han_edge import fileio
+from han_edge.cli import app
+from han_edge.cli.common import HanEdgeGroup
+from han_edge.config import get_config, model_metadata
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+BOX = str.maketrans("", "", "│╭╮╰╯─")
+
+
+def message_of(output: str) -> str:
+    """The error sentence: the `error:`/`missing:` line, or the text inside Click's usage-error panel."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("error:", "missing:", "engine not built:")):
+            return line.split(":", 1)[1].strip()
+    panel = [line.translate(BOX).strip() for line in lines if line.startswith("│")]
+    return " ".join(p for p in panel if p)
+
+
+def one_sentence(text: str) -> bool:
+    return bool(text) and not re.search(r"[.!?]\s+[A-Z]", text.rstrip(".")) and len(text) < 400
+
+
+def refused(args, match=None, code=2, **kwargs) -> str:
+    result = runner.invoke(app, [str(a) for a in args], **kwargs)
+    output = result.output
+    assert result.exit_code == code, f"exit {result.exit_code}: {output}{result.exception!r}"
+    assert isinstance(result.exception, SystemExit), repr(result.exception)        # no exception escaped
+    assert "Traceback" not in output
+    message = message_of(output)
+    assert one_sentence(message), output
+    if match:
+        assert re.search(match, message), f"{match!r} not in {message!r}"
+    return message
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """An existing file for options that need one before the option under test is reached."""
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"not used")
+    return path
+
+
+# -- option values ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, match", [
+    (["train", "--batch-size", "0"], "--batch-size"),
+    (["train", "--batch-size", "-1"], "--batch-size"),
+    (["train", "--epochs", "-1"], "--epochs"),
+    (["train", "--lr", "nan"], "--lr.*finite number above 0, not nan"),
+    (["train", "--lr", "inf"], "--lr.*not inf"),
+    (["train", "--lr", "0"], "--lr"),
+    (["train", "--lr", "-0.1"], "--lr"),
+    (["train", "--seed", "-1"], "--seed"),
+    (["train", "--variant", "huge"], "--variant.*'huge' is not one of"),
+    (["train", "--dataset", "market"], "--dataset"),
+    (["eval", "--checkpoint", "{model}", "--dataset", "nope"], "--dataset"),
+    (["export", "--calib-size", "-5"], "--calib-size"),
+    (["export", "--target", "tensorrtt"], "--target.*not one of 'tensorrt', 'cpu'"),
+    (["export", "--calibration", "entrpy"], "--calibration.*not one of"),
+    (["export", "--variant", "xl"], "--variant"),
+    (["export", "--max-batch", "0"], "--max-batch"),
+    (["export", "--opt-batch", "64", "--max-batch", "16"], "--opt-batch 64 is larger than --max-batch 16"),
+    (["export", "--workspace", "0"], "--workspace"),
+    (["build", "{model}", "--max-batch", "-1"], "--max-batch"),
+    (["build", "{model}", "--opt-batch", "0"], "--opt-batch"),
+    (["build", "{model}", "--workspace", "-5"], "--workspace"),
+    (["bench", "--engine", "{model}", "--batch", "-1"], "batch size -1 is outside 1..4096"),
+    (["bench", "--engine", "{model}", "--batch", "abc"], "'abc' is not a whole number"),
+    (["bench", "--engine", "{model}", "--batch", "0"], "batch size 0 is outside"),
+    (["bench", "--engine", "{model}", "--batch", ""], "give at least one batch size"),
+    (["bench", "--engine", "{model}", "--batch", "1,,8"], "empty entry"),
+    (["bench", "--engine", "{model}", "--batch", "100000"], "100000 is outside 1..4096"),
+    (["bench", "--engine", "{model}", "--iters", "0"], "--iters"),
+    (["bench", "--engine", "{model}", "--iters", "-3"], "--iters"),
+    (["bench", "--engine", "{model}", "--gallery-size", "-1"], "--gallery-size"),
+    (["bench", "--engine", "{model}", "--threads", "-1"], "--threads"),
+    (["profile", "cost", "--model", "{model}", "--batch", "0"], "--batch"),
+    (["profile", "cost", "--model", "{model}", "--iters", "0"], "--iters"),
+    (["profile", "flops", "--variant", "tiny"], "--variant"),
+    (["match", "--gallery", "{model}", "--query", "{model}", "-k", "0"], "-k"),
+    (["match", "--gallery", "{model}", "--query", "{model}", "-k", "abc"], "-k"),
+    (["demo", "--epochs", "-1"], "--epochs"),
+    (["demo", "--batch", "0"], "--batch"),
+])
+def test_bad_option_values(tmp_path, model_file, args, match):
+    before = set(os.listdir(tmp_path))
+    refused([a.replace("{model}", str(model_file)) for a in args], match, catch_exceptions=True)
+    assert set(os.listdir(tmp_path)) == before                    # nothing written
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet="0123456789,-+ .xe", max_size=12))
+def test_bench_batch_list_is_parsed_or_refused_in_one_sentence(model_file, text):
+    from han_edge.cli.common import batch_list
+
+    try:
+        sizes = batch_list(text)
+    except typer.BadParameter as err:
+        assert one_sentence(str(err)), str(err)
+        return
+    assert sizes and all(1 <= s <= 4096 for s in sizes) and len(set(sizes)) == len(sizes)
+
+
+def test_typos_are_refused_before_the_export(tmp_path):
+    # refused while parsing: no FP32 export (11 s) first, no ONNX written
+    refused(["export", "--int8", "--target", "cpux", "--out", tmp_path / "e"], "--target")
+    refused(["export", "--int8", "--calibration", "minmax2", "--out", tmp_path / "e"], "--calibration")
+    refused(["export", "--int8", "--out", tmp_path / "e", "--opt-batch", "65"], "--opt-batch 65 is larger than --max-batch 64")
+    assert not list(tmp_path.rglob("*.onnx"))
+
+
+# -- output paths -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option_args", [
+    ["train", "--out", "{dir}"],
+    ["visualize", "--checkpoint", "{file}", "--image", "{file}", "--out", "{dir}"],
+    ["eval", "--checkpoint", "{file}", "--json", "{dir}"],
+    ["bench", "--engine", "{file}", "--json", "{dir}"],
+    ["profile", "cost", "--model", "{file}", "--json", "{dir}"],
+    ["match", "--gallery", "{file}", "--query", "{file}", "--json", "{dir}"],
+    ["embed", "--engine", "{file}", "--images", "{dir}", "--out", "{dir}"],
+    ["build", "{file}", "--engine", "{dir}"],
+    ["export", "--json", "{dir}"],
+])
+def test_output_that_is_a_directory(tmp_path, model_file, option_args):
+    args = [a.replace("{dir}", str(tmp_path)).replace("{file}", str(model_file)) for a in option_args]
+    refused(args, "is a directory; give a file name")
+
+
+def test_output_under_a_file_or_read_only(tmp_path, model_file, monkeypatch):
+    refused(["train", "--out", model_file / "x.pt"], "is not a folder|exists and is not a folder")
+    refused(["demo", "--workdir", model_file], "demo --workdir .* exists and is not a folder")
+    refused(["export", "--out", model_file], "exists and is not a folder")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(fileio.os, "access", lambda p, mode: Path(p) != ro)    # root ignores chmod: simulate
+    refused(["train", "--out", ro / "x.pt"], "folder .*ro is read-only")
+    refused(["eval", "--checkpoint", model_file, "--json", ro / "r.json"], "read-only")
+
+
+def test_missing_output_folders_are_created(tmp_path, model_file):
+    from han_edge.cli.common import output_file
+
+    target = tmp_path / "new" / "deeper" / "r.json"
+    assert output_file("JSON report")(target) == target and target.parent.is_dir() and not target.exists()
+
+
+def test_full_disk_while_writing_a_report_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    report = tmp_path / "flops.json"
+    from han_edge.cli.common import write_json
+
+    write_json(report, {"old": True})
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fileio.os, "replace", full)
+    probe = typer.Typer(cls=HanEdgeGroup)
+
+    @probe.command()
+    def save():
+        write_json(report, {"old": False})
+
+    @probe.command()
+    def other():
+        pass
+    result = runner.invoke(probe, ["save"])
+    assert result.exit_code == 2 and "no space left on the device; the previous file is unchanged" in result.output
+    assert json.loads(report.read_text()) == {"old": True} and [p.name for p in tmp_path.iterdir()] == ["flops.json"]
+
+
+@pytest.mark.parametrize("error, code, match", [
+    (OSError(5, "Input/output error", "/data/x.jpg"), 2, "cannot use /data/x.jpg: input/output error"),
+    (MemoryError(), 2, "out of memory"),
+    (IsADirectoryError(21, "Is a directory", "crops"), 2, "cannot use crops: it is a directory"),
+])
+def test_library_errors_become_one_sentence(error, code, match):
+    probe = typer.Typer(cls=HanEdgeGroup)
+
+    @probe.command()
+    def boom():
+        raise error
+
+    @probe.command()
+    def other():
+        pass
+    result = runner.invoke(probe, ["boom"])
+    assert result.exit_code == code and "Traceback" not in result.output
+    assert re.search(match, message_of(result.output)), result.output
+
+
+def test_unsafe_advice_is_stripped_from_any_message():
+    from han_edge.cli.common import one_line
+
+    text = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+            "succeed, but it can result in arbitrary code execution.\nPlease file an issue.")
+    assert "weights_only" not in one_line(text) and "\n" not in one_line(text)
+    assert "allow_pickle" not in one_line("Object arrays cannot be loaded when allow_pickle=False")
+
+
+# -- model files that lie ---------------------------------------------------------------------------------------
+def test_inspect_refuses_what_is_not_a_model(tmp_path):
+    refused(["inspect", tmp_path], "is a directory, not a model file")
+    refused(["inspect", tmp_path / "nothing.onnx"], "not found")
+    (tmp_path / "junk.onnx").write_bytes(os.urandom(256))
+    refused(["inspect", tmp_path / "junk.onnx"], "junk.onnx is not a han-edge model: not a valid ONNX model")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"out_width": 128}, "not a han-edge model: the graph's output is Nx128 but its metadata says 1024-D"),
+    ({"in_shape": ("N", 3, 256, 128)}, "not a han-edge model: the graph's input is Nx3x256x128"),
+    ({"meta": {"han_edge.config": "{not json"}}, "not a han-edge model: the HAN config is not valid JSON"),
+    ({"meta": {}}, "not a han-edge model: carries no han-edge metadata"),
+])
+def test_inspect_refuses_onnx_that_lies(tmp_path, kwargs, match):
+    import onnx
+
+    from tests.test_hostile_inputs import tiny_graph
+
+    onnx.save(tiny_graph(**kwargs), str(tmp_path / "other.onnx"))
+    refused(["inspect", tmp_path / "other.onnx"], match)
+
+
+def test_inspect_accepts_a_small_honest_graph(tmp_path):
+    import onnx
+
+    from tests.test_hostile_inputs import tiny_graph
+
+    onnx.save(tiny_graph(), str(tmp_path / "ok.onnx"))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "ok.onnx")])
+    assert result.exit_code == 0 and "1024-D" in result.output, result.output
+
+
+def test_inspect_plan_with_side_files(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(os.urandom(64))
+    side = {"metadata": model_metadata(get_config("medium"), "fp16"), "precision": "fp16", "tensorrt": "10.3.0",
+            "gpu": "Orin", "compute_capability": "8.7", "batch": {"min": 1, "opt": 8, "max": 16}}
+    (tmp_path / "m.plan.json").write_text(json.dumps(side))
+    result = runner.invoke(app, ["inspect", str(plan)])
+    assert result.exit_code == 0 and "medium" in result.output and "1/8/16" in result.output, result.output
+    (tmp_path / "m.plan.json").write_text(json.dumps({**side, "batch": {"min": 1, "opt": 8}}))
+    refused(["inspect", plan], "m.plan is not a han-edge model: .*'batch' must be")
+    (tmp_path / "m.plan.json").write_text(json.dumps({**side, "plan_bytes": 1}))
+    refused(["inspect", plan], "does not match its metadata file")
+    (tmp_path / "m.plan.json").unlink()
+    refused(["inspect", plan], "no metadata file m.plan.json")
+
+
+def test_checkpoint_payloads_are_refused_in_safe_words(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": Boom()}))
+    image = tmp_path / "i.png"
+    import cv2
+
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    message = refused(["visualize", "--checkpoint", evil, "--image", image, "--out", tmp_path / "a.png"],
+                      "cannot be read as a han-edge checkpoint: it holds Python objects")
+    assert "weights_only" not in message
+    refused(["visualize", "--checkpoint", evil, "--image", image, "--out", tmp_path / "a.jpg"], "PNG")
+    refused(["train", "--resume", evil, "--out", tmp_path / "x.pt"], "Python objects")
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "x.pt").exists()
+
+
+def test_eval_json_that_is_not_a_report(tmp_path, model_file):
+    bad = tmp_path / "r.json"
+    bad.write_bytes(b"\xff")
+    refused(["profile", "cost", "--model", model_file, "--eval-json", bad], "is not a JSON report")
+    bad.write_text(json.dumps({"rank1": "high"}))
+    refused(["profile", "cost", "--model", model_file, "--eval-json", bad], "no rank1 between 0 and 1")
+
+
+# -- inputs: boxes files through embed ---------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, match", [
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[1, 2]", "must hold one object"),
+    (b'{"f0.png": "0 0 10 10"}', "key 'f0.png'"),
+    (b'{"f0.png": [[0, 0, 10]]}', "box 0 has 3 values"),
+    (b'{"f0.png": [[0, 0, "a", 10]]}', "box 0 coordinate 2"),
+    (b'{"f0.png": 3}', "got 3"),
+])
+def test_embed_with_malformed_boxes(tmp_path, fresh_onnx, raw, match):
+    import cv2
+
+    _, onnx_path = fresh_onnx
+    (tmp_path / "frames").mkdir()
+    cv2.imwrite(str(tmp_path / "frames" / "f0.png"), np.zeros((64, 32, 3), np.uint8))
+    (tmp_path / "boxes.json").write_bytes(raw)
+    refused(["embed", "--engine", onnx_path, "--images", tmp_path / "frames", "--boxes", tmp_path / "boxes.json",
+             "--out", tmp_path / "g.npz"], match)
+    assert not (tmp_path / "g.npz").exists()
+
+
+def test_embed_needs_exactly_one_source(tmp_path, model_file):
+    refused(["embed", "--engine", model_file, "--out", tmp_path / "g.npz"], "exactly one of --images DIR or --video")
+    refused(["embed", "--engine", model_file, "--images", tmp_path / "missing", "--out", tmp_path / "g.npz"],
+            "--images")
+
+
+# -- the real entry point -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, code, match", [
+    (["inspect", "{tmp}"], 2, "is a directory"),
+    (["train", "--lr", "nan"], 2, "--lr"),
+    (["bench", "--engine", "{tmp}/m.onnx", "--batch", "abc"], 2, "not a whole number"),
+    (["build", "{tmp}/m.onnx", "--engine", "{tmp}/m.plan"], 3, "TensorRT"),
+])
+def test_entry_point_in_a_subprocess(tmp_path, args, code, match):
+    import importlib.util
+
+    if code == 3 and importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the build would run")
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    proc = subprocess.run([sys.executable, "-m", "han_edge.cli", *[a.replace("{tmp}", str(tmp_path)) for a in args]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code, output
+    assert "Traceback" not in output and re.search(match, output), output
+    assert one_sentence(message_of(output)), output
