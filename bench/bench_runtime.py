@@ -7,7 +7,9 @@ from pathlib import Path
 
 from common import write_result
 from han_edge.bench import run_bench
-from han_edge.export import calibration_paths, export_fp32, export_int8, heldout_paths, load_batch, load_torch_model
+from han_edge.exporter import export_fp32, load_batch
+from han_edge.jobs import calibration_paths, heldout_paths, load_torch_model
+from han_edge.quantize import export_int8
 
 
 def main() -> None:

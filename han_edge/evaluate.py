@@ -1,7 +1,9 @@
-"""Evaluation: CMC rank-k and mAP under the Market-1501 protocol, k-reciprocal re-ranking.
+"""Evaluation: CMC rank-k and mAP under the Market-1501 protocol, k-reciprocal re-ranking, and the
+agreement of two feature sets (a quantised model against its FP32 reference).
 
 Metrics are plain functions over arrays (torchreid style), vectorised so that a Market-1501-sized
-3,368 x 15,913 distance matrix ranks in seconds.
+3,368 x 15,913 distance matrix ranks in seconds. This module imports no other stage; scoring a
+model file end to end (``evaluate_model``) lives in ``han_edge.jobs``.
 """
 from __future__ import annotations
 
@@ -159,19 +161,28 @@ def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, rera
     return evaluate_rank(q_g, q_pids, g_pids, q_camids, g_camids)
 
 
-def evaluate_model(model_path, data, rerank: bool = False, multi_query: bool = False, progress=None) -> dict:
-    """Embed a dataset's query and gallery with any runtime backend and score it (Market-1501 protocol)."""
-    from han_edge.runtime import Embedder
+# -- agreement of two feature sets for the same images (quantised vs reference) ------------------------
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of corresponding rows."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
 
-    embedder = Embedder(model_path)
-    q_paths, q_pids, q_cams = zip(*data.query)
-    g_paths, g_pids, g_cams = zip(*data.gallery)
-    q_feats = embedder.embed_files(list(q_paths), progress=progress)
-    g_feats = embedder.embed_files(list(g_paths), progress=progress)
-    q_pids, q_cams, g_pids, g_cams = map(np.asarray, (q_pids, q_cams, g_pids, g_cams))
-    if multi_query:
-        q_feats = multi_query_features(q_feats, q_pids, q_cams)
-    result = evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams, rerank=rerank)
-    result.update({"backend": embedder.name, "precision": embedder.precision, "variant": embedder.config.variant,
-                   "rerank": rerank, "multi_query": multi_query, "dataset": data.name})
-    return result
+
+def centred_cosine(reference: np.ndarray, other: np.ndarray) -> float:
+    """Mean cosine after subtracting the reference's mean feature.
+
+    An untrained or weak network maps every image near one point, where the plain cosine is ~1
+    whatever the quantisation does; centring measures what distinguishes images.
+    """
+    mu = reference.mean(0, keepdims=True)
+    return float(cosine_rows(reference - mu, other - mu).mean())
+
+
+def neighbour_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    """Fraction of images whose nearest other image is the same under both feature sets."""
+    def nearest(f):
+        d = -f @ f.T
+        np.fill_diagonal(d, np.inf)
+        return d.argmin(1)
+    return float((nearest(reference) == nearest(other)).mean())

@@ -118,20 +118,28 @@ def _base_grid(height: int, width: int) -> torch.Tensor:
 
 
 class RegionCropper(nn.Module):
-    """Crops T regions of a feature map at a fixed size: base grid * scale + translation -> grid_sample."""
+    """Crops T regions of a feature map at a fixed size: base grid * scale + translation -> grid_sample.
+
+    The T region grids are stacked along the grid's height axis, so one ``grid_sample`` reads the
+    map once per image (no T-fold copy of the feature map); the (N, C, T*h', w') result is then
+    regrouped to (N*T, C, h', w'), the layout the shared local units run on.
+    """
 
     def __init__(self, out_size: tuple[int, int], regions: int):
         super().__init__()
         self.regions = regions
+        self.out_size = tuple(out_size)
         # Buffers follow the module's device/dtype; nothing is created on a fixed device in forward.
         self.register_buffer("base_grid", _base_grid(*out_size), persistent=False)
         self.register_buffer("scale", torch.tensor([1.0, 1.0 / regions]), persistent=False)
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        grid = self.base_grid * self.scale + theta.reshape(-1, 1, 1, 2)   # (N*T, h', w', 2)
-        stacked = x.unsqueeze(1).expand(n, self.regions, c, h, w).reshape(-1, c, h, w)
-        return F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        n, c = x.shape[:2]
+        h, w = self.out_size
+        # (N, T, 1, 1, 2) + (h', w', 2) -> (N, T*h', w', 2): the regions one above the other
+        grid = (self.base_grid * self.scale + theta.unsqueeze(2).unsqueeze(2)).reshape(n, self.regions * h, w, 2)
+        crops = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return crops.reshape(n, c, self.regions, h, w).transpose(1, 2).reshape(n * self.regions, c, h, w)
 
 
 class HAN(nn.Module):

@@ -1,9 +1,7 @@
-"""End-to-end jobs built from the stages: embedding image folders/videos, and the README's demo."""
+"""Embedding image folders/videos into a gallery (the demo and the export job are in ``han_edge.jobs``)."""
 from __future__ import annotations
 
-import json
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,71 +75,3 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
             index += 1
         capture.release()
     return gallery, len(gallery)
-
-
-def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> list[dict]:
-    """The README's main job: synthetic data -> trained HAN(Small) -> FP32/INT8 -> gallery search table."""
-    from rich.table import Table
-
-    from han_edge.cuda import gpu_available
-    from han_edge.data import default_synthetic_root, load_dataset
-    from han_edge.evaluate import evaluate_rank
-    from han_edge.export import ExportOptions, export_all
-    from han_edge.profile import measure_throughput
-    from han_edge.train import TrainOptions, train
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]1/4[/] synthetic re-id set in {default_synthetic_root()}")
-    data = load_dataset("synthetic", None)
-    checkpoint = workdir / "han_small.pt"
-    console.print(f"[bold]2/4[/] training HAN(Small) for {epochs} epochs on {len(data.train)} images")
-    with progress_bar() as bar:
-        task = bar.add_task("train", total=len(data.train) // 32 * 32 * epochs, info="")
-        train(data.train, data.num_train_pids, checkpoint, "small", TrainOptions(epochs=epochs), dataset_name="synthetic",
-              progress=lambda epoch, epochs, loss, rate, advance: bar.update(
-                  task, advance=advance, description=f"epoch {epoch}/{epochs}", info=f"loss {loss:.3f} {rate:.0f} img/s"))
-    has_gpu = gpu_available()
-    target = "tensorrt" if has_gpu else "cpu"
-    console.print(f"[bold]3/4[/] exporting FP32 and INT8 ({target} flavour) ONNX")
-    with progress_bar() as bar:
-        task = bar.add_task("INT8 sensitivity", total=None, info="", visible=False)
-        exported = export_all(ExportOptions(checkpoint=str(checkpoint), int8=True, int8_target=target,
-                                            out_dir=str(workdir)), log=console.print,
-                              progress=lambda d, t: bar.update(task, completed=d, total=t, visible=True))
-    models = {"PyTorch FP32": checkpoint, "ONNX FP32": Path(exported["fp32"]), f"ONNX INT8 ({target})":
-              Path(exported["int8"]["path"])}
-    if has_gpu:
-        try:
-            from han_edge.engine import BuildOptions, build_engine
-            models["TensorRT INT8"] = build_engine(exported["int8"]["path"], workdir / "han_small.int8.plan",
-                                                   BuildOptions(timing_cache=workdir / "timing.cache"))
-        except HanEdgeError as err:
-            console.print(f"TensorRT engine skipped: {err}")
-    console.print("[bold]4/4[/] gallery search through the runtime, per precision")
-    q_pids, q_cams = (np.array(v) for v in zip(*[(p, c) for _, p, c in data.query]))
-    g_pids, g_cams = (np.array(v) for v in zip(*[(p, c) for _, p, c in data.gallery]))
-    rows = []
-    for label, path in models.items():
-        embedder = Embedder(path)
-        start = time.perf_counter()
-        g_feats = embedder.embed_files([p for p, _, _ in data.gallery])
-        q_feats = embedder.embed_files([p for p, _, _ in data.query])
-        gallery = Gallery(embedder.config.feature_dim)
-        gallery.add(g_pids, g_feats, g_cams)
-        dist = gallery.distances(q_feats, g_feats)   # every gallery entry, for the protocol's ranking
-        metrics = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
-        speed = measure_throughput(path, batch, iters=5)
-        rows.append({"model": label, "rank1": metrics["rank1"], "mAP": metrics["mAP"],
-                     "images_per_s": speed["images_per_s"], "ms_per_image": speed["ms_per_image"],
-                     "size_mib": Path(path).stat().st_size / 2**20,
-                     "embed_s": time.perf_counter() - start})
-    table = Table(title=f"HAN(Small) on the synthetic set: {len(data.query)} queries x {len(data.gallery)} gallery "
-                        f"(batch {batch} throughput)")
-    for col in ("model", "rank-1", "mAP", "img/s", "ms/img", "size MiB"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["model"], f"{100 * r['rank1']:.1f}", f"{100 * r['mAP']:.1f}", f"{r['images_per_s']:.1f}",
-                      f"{r['ms_per_image']:.2f}", f"{r['size_mib']:.2f}")
-    console.print(table)
-    (workdir / "demo.json").write_text(json.dumps(rows, indent=2))
-    return rows

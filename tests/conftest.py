@@ -28,7 +28,7 @@ def fresh_onnx(tmp_path_factory):
     """HAN(Small) with fresh weights exported to ONNX (FP32), shared by the runtime tests."""
     import torch
 
-    from han_edge.export import export_fp32
+    from han_edge.exporter import export_fp32
     from han_edge.model import build_model
 
     torch.manual_seed(0)

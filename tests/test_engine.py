@@ -40,7 +40,7 @@ def test_engine_metadata_errors(tmp_path):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_build_load_and_match_onnx(fresh_onnx, tmp_path, precision):
     from han_edge.engine import BuildOptions, build_engine
-    from han_edge.export import export_fp16
+    from han_edge.exporter import export_fp16
     from han_edge.runtime import Embedder
 
     _, onnx_path = fresh_onnx

@@ -7,10 +7,26 @@ from typer.testing import CliRunner
 
 from han_edge.cli import app
 from han_edge.errors import HanEdgeError
-from han_edge.export import (ExportOptions, calibration_paths, centred_cosine, cosine_rows, export_all, export_int8,
-                             heldout_paths, layer_groups, load_batch, load_onnx, onnx_metadata, ort_session, read_config,
-                             run_ort)
+from han_edge.evaluate import centred_cosine, cosine_rows
+from han_edge.exporter import FORMATS, load_batch, ort_optimized_op_counts
+from han_edge.half import float32_tensors
+from han_edge.jobs import (
+    ExportOptions,
+    calibration_paths,
+    compare_retrieval,
+    export_all,
+    heldout_paths,
+)
+from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
+from han_edge.quantize import export_int8, layer_groups
 
+# Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
+# ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
+# agreement >= 0.95, rank-1 and mAP within 1 point — is measured on the demo model by
+# bench/bench_export.py. This weak fixture's features have small margins: its nearest-neighbour
+# agreement is ~0.9 even between INT8 files that score 0.99 centred cosine, and on 181 queries one
+# query is 0.55 rank-1 points, so rank-1 may move by up to 5 queries (3 points) and mAP 1.5 points.
+FIXTURE_CENTRED, FIXTURE_NEIGHBOUR, FIXTURE_RANK1, FIXTURE_MAP = 0.985, 0.8, 0.03, 0.015
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, trained_checkpoint):
@@ -27,6 +43,18 @@ def heldout(exported):
     return load_batch(heldout_paths(), config)
 
 
+@pytest.fixture(scope="module")
+def cpu_exported(exported, heldout):
+    """The CPU flavour of the same trained model, fully quantised (no sensitivity analysis)."""
+    out, _ = exported
+    config, _ = read_config(out / "han_small.onnx")
+    path = out / "han_small.int8-cpu.onnx"
+    report = export_int8(out / "han_small.onnx", path, load_batch(calibration_paths(None, 128), config), heldout,
+                         flavour="cpu", exclude=[])
+    return path, report, compare_retrieval(out / "han_small.onnx", path)
+
+
+@pytest.mark.slow
 def test_fp32_parity_metadata_and_dynamic_batch(exported, heldout):
     out, result = exported
     assert result["parity"]["cosine_min"] >= 0.99999
@@ -36,6 +64,7 @@ def test_fp32_parity_metadata_and_dynamic_batch(exported, heldout):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 17
     ops = {n.op_type for n in model.graph.node}
     assert "GridSample" in ops and "AffineGrid" not in ops
+    assert "Expand" not in {n.op_type for n in model.graph.node if "croppers" in n.name}   # no T-fold copies
     meta = onnx_metadata(model)
     config, precision = read_config(out / "han_small.onnx")
     assert (config.variant, config.input_size, precision) == ("small", (160, 64), "fp32")
@@ -48,10 +77,13 @@ def test_fp32_parity_metadata_and_dynamic_batch(exported, heldout):
         for batch in (1, 7):
             part = session.run(None, {"images": x[:batch]})[0]
             np.testing.assert_allclose(part, full[:batch], atol=2e-3 if "int8" in name else 1e-4)
+    assert {p.name for p in out.iterdir() if p.suffix == ".onnx"} >= {f"han_small{f.suffix}" for f in FORMATS.values()
+                                                                     if f.precision != "int8-cpu"}
 
 
+@pytest.mark.slow
 def test_fp16_model(exported, heldout):
-    out, result = exported
+    out, _ = exported
     model = load_onnx(out / "han_small.fp16.onnx")
     assert read_config(out / "han_small.fp16.onnx")[1] == "fp16"
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT     # FP32 I/O
@@ -68,35 +100,76 @@ def _quantizers(model):
     return [n for n in model.graph.node if n.op_type == "QuantizeLinear"], inits
 
 
-def test_int8_tensorrt_flavour_is_symmetric_s8(exported):
+@pytest.mark.slow
+def test_int8_tensorrt_flavour_is_int8_plus_fp16(exported):
     out, result = exported
     model = load_onnx(out / "han_small.int8.onnx")
+    meta = onnx_metadata(model)
+    assert read_config(out / "han_small.int8.onnx")[1] == "int8" and meta["han_edge.float_precision"] == "fp16"
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 19
+    for value in (model.graph.input[0], model.graph.output[0]):                          # FP32 network I/O
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # The graph walk: every float tensor is FP16 but the I/O, its Casts and the layers the FP16
+    # analysis kept in FP32 (named in the metadata). The walker does see FP32 tensors where they are.
+    kept_fp32 = json.loads(meta["han_edge.fp32_nodes"])
+    assert kept_fp32 == result["int8"]["fp32_nodes"]
+    assert float32_tensors(model, kept_fp32) == []
+    assert len(float32_tensors(load_onnx(out / "han_small.onnx"))) > 100
     quantizers, inits = _quantizers(model)
     assert len(quantizers) >= 20
-    for node in quantizers:
+    for node in quantizers:                    # symmetric S8 activations, FP16 scales (opset 19)
         zero_point = inits[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+        assert inits[node.input[1]].dtype == np.float16, node.name
     # per-channel symmetric int8 weights: DequantizeLinear of an int8 initializer with one scale per channel
     weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and inits[n.input[0]].ndim == 4]
     assert weight_dq and all(inits[n.input[0]].dtype == np.int8 and inits[n.input[1]].size == inits[n.input[0]].shape[0]
                              and not inits[n.input[2]].any() for n in weight_dq)
-    # the hard-attention sampling stays out of the Q/DQ regions
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    # TensorRT placement: Q/DQ on the inputs of every quantised Conv, none on Conv outputs or GridSample inputs
+    producers = {o: n for n in model.graph.node for o in n.output}
+    excluded = {name for g in result["int8"]["excluded_groups"] for name in layer_groups(load_onnx(out / "han_small.onnx"))[g]}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        quantised = conv.name not in excluded
+        assert all((getattr(producers.get(i), "op_type", None) == "DequantizeLinear") == quantised
+                   for i in conv.input[:2]), conv.name
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    assert all(consumers.get(c.output[0]) != "QuantizeLinear" for c in convs)
     for node in (n for n in model.graph.node if n.op_type == "GridSample"):
-        assert all(producers.get(i) != "DequantizeLinear" for i in node.input)
-    assert read_config(out / "han_small.int8.onnx")[1] == "int8"
+        assert all(producers[i].op_type != "DequantizeLinear" for i in node.input if i in producers)
 
 
+@pytest.mark.slow
 def test_int8_accuracy_on_trained_model(exported):
     _, result = exported
     int8 = result["int8"]
-    assert int8["centred_cosine"] >= 0.98
-    assert int8["neighbour_agreement"] >= 0.8
+    assert int8["centred_cosine"] >= FIXTURE_CENTRED
+    assert int8["neighbour_agreement"] >= FIXTURE_NEIGHBOUR
     fp32, q = int8["retrieval"]["fp32"], int8["retrieval"]["int8"]
-    assert abs(fp32["rank1"] - q["rank1"]) <= 0.02 and abs(fp32["mAP"] - q["mAP"]) <= 0.02
+    assert abs(fp32["rank1"] - q["rank1"]) <= FIXTURE_RANK1 and abs(fp32["mAP"] - q["mAP"]) <= FIXTURE_MAP
 
 
+@pytest.mark.slow
+def test_int8_cpu_flavour_runs_integer_kernels(exported, cpu_exported):
+    out, _ = exported
+    path, report, retrieval = cpu_exported
+    fp32_convs = sum(n.op_type == "Conv" for n in load_onnx(out / "han_small.onnx").graph.node)
+    assert fp32_convs == 40
+    # ONNX Runtime's own optimised graph: every convolution a QLinearConv, none left in float
+    counts = ort_optimized_op_counts(path)
+    assert counts.get("QLinearConv", 0) == fp32_convs
+    assert counts.get("Conv", 0) == counts.get("FusedConv", 0) == 0
+    assert counts.get("QGemm", 0) == 5 and counts.get("Gemm", 0) == counts.get("FusedGemm", 0) == 0
+    assert report.ort_ops["QLinearConv"] == fp32_convs
+    # and the FP32 file itself runs float convolutions (the counter is not vacuous)
+    assert ort_optimized_op_counts(out / "han_small.onnx").get("QLinearConv", 0) == 0
+    assert report.centred_cosine >= FIXTURE_CENTRED and report.neighbour_agreement >= FIXTURE_NEIGHBOUR
+    fp32, q = retrieval["fp32"], retrieval["int8"]
+    assert abs(fp32["rank1"] - q["rank1"]) <= FIXTURE_RANK1 and abs(fp32["mAP"] - q["mAP"]) <= FIXTURE_MAP
+
+
+@pytest.mark.slow
 def test_int8_cpu_flavour_and_exclusions_and_cache(exported, tmp_path):
     out, _ = exported
     config, _ = read_config(out / "han_small.onnx")
@@ -110,11 +183,11 @@ def test_int8_cpu_flavour_and_exclusions_and_cache(exported, tmp_path):
     quantizers, inits = _quantizers(model)
     assert {inits[n.input[2]].dtype for n in quantizers} == {np.dtype(np.uint8)}      # U8 activations
     excluded = set(groups["local_units.0:dw"])
-    assert excluded and all(n.name not in excluded or n.op_type == "Conv" for n in model.graph.node)
+    excluded_convs = [n for n in model.graph.node if n.name in excluded and n.op_type == "Conv"]
+    assert len(excluded_convs) == 1
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.name in excluded:
-            assert producers.get(node.input[1]) != "DequantizeLinear"                 # weights left in float
+    assert producers.get(excluded_convs[0].input[1]) != "DequantizeLinear"            # weights left in float
+    assert report.ort_ops["QLinearConv"] == 39
     assert report.excluded_groups == ["local_units.0:dw"] and not report.cache_reused
     again = export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["local_units.0:dw"])
     assert again.cache_reused                                      # rebuild does not recalibrate
@@ -122,7 +195,8 @@ def test_int8_cpu_flavour_and_exclusions_and_cache(exported, tmp_path):
         export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["nope"])
 
 
-def test_sensitivity_analysis_keeps_worst_groups_in_float(exported, tmp_path):
+@pytest.mark.slow
+def test_sensitivity_analysis_keeps_worst_groups_out_of_int8(exported, tmp_path):
     out, _ = exported
     config, _ = read_config(out / "han_small.onnx")
     calib = load_batch(calibration_paths(None, 64), config)
@@ -131,8 +205,9 @@ def test_sensitivity_analysis_keeps_worst_groups_in_float(exported, tmp_path):
     assert len(report.sensitivity) == len(layer_groups(load_onnx(out / "han_small.onnx")))
     worst = sorted(report.sensitivity, key=report.sensitivity.get, reverse=True)[:2]
     assert report.excluded_groups == worst
-    meta = onnx_metadata(load_onnx(tmp_path / "m.int8.onnx"))
-    assert json.loads(meta["han_edge.int8_excluded"]) == worst
+    model = load_onnx(tmp_path / "m.int8.onnx")
+    assert json.loads(onnx_metadata(model)["han_edge.int8_excluded"]) == worst
+    assert float32_tensors(model, report.fp32_nodes) == []        # excluded groups run in FP16, not FP32
 
 
 def test_clear_errors(tmp_path, synthetic_root):
@@ -151,6 +226,7 @@ def test_clear_errors(tmp_path, synthetic_root):
         load_onnx(corrupt)
 
 
+@pytest.mark.slow
 def test_wrong_variant_checkpoint(trained_checkpoint, tmp_path):
     with pytest.raises(HanEdgeError, match=r"holds HAN\(small\), not HAN\(large\)"):
         export_all(ExportOptions(variant="large", checkpoint=str(trained_checkpoint), out_dir=str(tmp_path)))

@@ -109,3 +109,22 @@ def test_onnx_export_matches_pytorch(tmp_path):
             expected = model(x).numpy()
         got = session.run(None, {"images": x.numpy()})[0]
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_region_cropper_samples_the_map_once_and_matches_per_region_sampling():
+    """One grid_sample over the T regions stacked along the grid's height == T copies of the map, each sampled."""
+    from han_edge.model import RegionCropper
+
+    torch.manual_seed(0)
+    for size in ((24, 28), (12, 14), (6, 7)):
+        cropper = RegionCropper(size, 4)
+        x, theta = torch.randn(3, 16, 40, 16), torch.rand(3, 4, 2) * 2 - 1
+        grid = cropper.base_grid * cropper.scale + theta.reshape(-1, 1, 1, 2)           # (N*T, h, w, 2)
+        copies = x.unsqueeze(1).expand(3, 4, 16, 40, 16).reshape(-1, 16, 40, 16)         # the T-fold copy
+        expected = torch.nn.functional.grid_sample(copies, grid, mode="bilinear", padding_mode="zeros",
+                                                   align_corners=False)
+        got = cropper(x, theta)
+        assert got.shape == (12, 16, *size)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # the sampling grids are not weights: checkpoints keep the same keys
+    assert not [k for k in build_model("small").state_dict() if "croppers" in k]

@@ -4,7 +4,7 @@ import pytest
 
 from han_edge import Embedder, Gallery
 from han_edge.errors import HanEdgeError, MissingDependencyError
-from han_edge.export import cosine_rows
+from han_edge.evaluate import cosine_rows
 from han_edge.preprocess import clip_boxes, crop_batch, normalize
 
 

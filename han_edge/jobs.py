@@ -1,0 +1,239 @@
+"""Jobs: what the CLI runs end to end, built from the stages below (the only module that knows them all).
+
+``export_all`` (`han-edge export`), ``evaluate_model`` (`han-edge eval`), ``compare_retrieval`` and
+``run_demo`` (`han-edge demo`). Stages never import this module, so the import graph has one
+direction: jobs -> {train, exporter, quantize, engine, runtime, gallery, evaluate} -> {config,
+fileio, onnx_io, preprocess}.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from han_edge.errors import HanEdgeError
+from han_edge.evaluate import (
+    centred_cosine,
+    cosine_rows,
+    evaluate_features,
+    evaluate_rank,
+    multi_query_features,
+    neighbour_agreement,
+)
+from han_edge.exporter import (
+    artefact_path,
+    export_fp16,
+    export_fp32,
+    load_batch,
+    parity,
+)
+from han_edge.fileio import ensure_folder, write_json
+from han_edge.onnx_io import ort_session, run_ort
+from han_edge.quantize import export_int8
+
+
+# -- data the export job uses when none is given -------------------------------------------------------------
+def calibration_paths(calib_dir: str | None, size: int, seed: int = 0) -> list[str]:
+    """Up to ``size`` images from ``calib_dir`` (default: the synthetic set's training images)."""
+    from han_edge.data import IMAGE_SUFFIXES, default_synthetic_root
+    from han_edge.synthetic import ensure_synthetic
+
+    if calib_dir is None:
+        folder = ensure_synthetic(default_synthetic_root()) / "bounding_box_train"
+    else:
+        folder = Path(calib_dir)
+        if not folder.is_dir():
+            raise HanEdgeError(f"calibration folder {folder} not found")
+    paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise HanEdgeError(f"calibration folder {folder} holds no images (.jpg/.png/.bmp); see calib/README.md")
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(paths, size=min(size, len(paths)), replace=False).tolist())
+
+
+def heldout_paths(limit: int = 256) -> list[str]:
+    """Images never used for calibration: the synthetic set's query + gallery, for accuracy checks."""
+    from han_edge.data import load_dataset
+
+    data = load_dataset("synthetic", None)
+    items = [p for p, pid, _ in data.query + data.gallery if pid > 0]
+    return items[:: max(1, len(items) // limit)][:limit]
+
+
+def load_torch_model(variant: str, checkpoint: str | None):
+    """(model, config, note) from a checkpoint, or fresh weights of the variant."""
+    from han_edge.checkpoint import model_from_checkpoint
+    from han_edge.config import get_config
+    from han_edge.model import build_model
+
+    if checkpoint:
+        model, config, data = model_from_checkpoint(checkpoint, variant=get_config(variant).variant)
+        return model, config, f"checkpoint {checkpoint} (epoch {data.get('epoch', '?')})"
+    config = get_config(variant)
+    import torch
+    torch.manual_seed(0)
+    return build_model(config).eval(), config, "fresh (untrained) weights: pass --checkpoint for a trained model"
+
+
+# -- `han-edge export` ----------------------------------------------------------------------------------------
+@dataclass
+class ExportOptions:
+    variant: str = "small"
+    checkpoint: str | None = None
+    fp16: bool = False
+    int8: bool = False
+    int8_target: str = "tensorrt"
+    int8_exclude: list[str] | None = None
+    calibration: str = "percentile"
+    calib_dir: str | None = None
+    calib_size: int = 256
+    out_dir: str = "export"
+    seed: int = 0
+
+
+def export_all(options: ExportOptions, log=print, progress=None) -> dict:
+    """Write the FP32 ONNX (+ FP16, + INT8) and report parity and accuracy figures."""
+    model, config, source = load_torch_model(options.variant, options.checkpoint)
+    log(f"HAN({config.variant}) from {source}")
+    out = ensure_folder(options.out_dir, "export folder")
+    fp32_path = export_fp32(model, config, artefact_path(out, config.variant, "fp32"))
+    held = load_batch(heldout_paths(), config)
+    result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, fp32_path, held[:32])}
+    log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
+        f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")
+    reference = run_ort(ort_session(fp32_path), held)
+    if options.fp16:
+        fp16_path = export_fp16(fp32_path, artefact_path(out, config.variant, "fp16"))
+        got = run_ort(ort_session(fp16_path), held)
+        result["fp16"] = {"path": str(fp16_path), "cosine_min": float(cosine_rows(reference, got).min()),
+                          "centred_cosine": centred_cosine(reference, got)}
+        log(f"wrote {fp16_path}: cosine vs FP32 min={result['fp16']['cosine_min']:.5f} "
+            f"centred={result['fp16']['centred_cosine']:.5f}")
+    if options.int8:
+        fmt = "int8" if options.int8_target == "tensorrt" else "int8-cpu"
+        int8_path = artefact_path(out, config.variant, fmt)
+        calib = load_batch(calibration_paths(options.calib_dir, options.calib_size, options.seed), config)
+        log(f"calibrating INT8 ({options.int8_target} flavour, {options.calibration}) on {len(calib)} images")
+        report = export_int8(fp32_path, int8_path, calib, held[:96], flavour=options.int8_target,
+                             method=options.calibration, exclude=options.int8_exclude, progress=progress)
+        # Accuracy on the whole held-out set (the analysis above used a subset).
+        got = run_ort(ort_session(int8_path), held)
+        report.centred_cosine = centred_cosine(reference, got)
+        report.neighbour_agreement = neighbour_agreement(reference, got)
+        result["int8"] = {"path": str(int8_path), **report.__dict__,
+                          "retrieval": compare_retrieval(fp32_path, int8_path)}
+        kept = ", ".join(report.excluded_groups) or "none"
+        log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
+            f"{report.neighbour_agreement:.3f}, not INT8: {kept}"
+            f"{' (calibration cache reused)' if report.cache_reused else ''}")
+        if report.ort_ops:
+            log("ONNX Runtime CPU executes " + ", ".join(f"{v} {k}" for k, v in report.ort_ops.items() if v))
+        if options.int8_target == "tensorrt":
+            log(f"float part FP16 (opset 19); kept FP32: {', '.join(report.fp32_nodes) or 'none'}")
+        r = result["int8"]["retrieval"]
+        log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
+            f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f}")
+    return result
+
+
+# -- `han-edge eval` and retrieval comparisons ----------------------------------------------------------------
+def evaluate_model(model_path, data, rerank: bool = False, multi_query: bool = False, progress=None) -> dict:
+    """Embed a dataset's query and gallery with any runtime backend and score it (Market-1501 protocol)."""
+    from han_edge.runtime import Embedder
+
+    embedder = Embedder(model_path)
+    q_paths, q_pids, q_cams = zip(*data.query)
+    g_paths, g_pids, g_cams = zip(*data.gallery)
+    q_feats = embedder.embed_files(list(q_paths), progress=progress)
+    g_feats = embedder.embed_files(list(g_paths), progress=progress)
+    q_pids, q_cams, g_pids, g_cams = map(np.asarray, (q_pids, q_cams, g_pids, g_cams))
+    if multi_query:
+        q_feats = multi_query_features(q_feats, q_pids, q_cams)
+    result = evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams, rerank=rerank)
+    result.update({"backend": embedder.name, "precision": embedder.precision, "variant": embedder.config.variant,
+                   "rerank": rerank, "multi_query": multi_query, "dataset": data.name})
+    return result
+
+
+def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
+    """Rank-1/mAP of two exported models on the synthetic test set (same code path as `han-edge eval`)."""
+    from han_edge.data import load_dataset
+
+    data = load_dataset("synthetic", None)
+    keys = ("rank1", "rank5", "mAP")
+    out = {}
+    for name, path in (("fp32", fp32_path), ("int8", other_path)):
+        metrics = evaluate_model(path, data)
+        out[name] = {k: metrics[k] for k in keys}
+    return out
+
+
+# -- `han-edge demo` --------------------------------------------------------------------------------------
+def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> list[dict]:
+    """The README's main job: synthetic data -> trained HAN(Small) -> FP32/INT8 -> gallery search table."""
+    from rich.table import Table
+
+    from han_edge.cuda import gpu_available
+    from han_edge.data import default_synthetic_root, load_dataset
+    from han_edge.gallery import Gallery
+    from han_edge.profile import measure_throughput
+    from han_edge.runtime import Embedder
+    from han_edge.train import TrainOptions, train
+
+    ensure_folder(workdir, "demo folder")
+    console.print(f"[bold]1/4[/] synthetic re-id set in {default_synthetic_root()}")
+    data = load_dataset("synthetic", None)
+    checkpoint = workdir / "han_small.pt"
+    console.print(f"[bold]2/4[/] training HAN(Small) for {epochs} epochs on {len(data.train)} images")
+    with progress_bar() as bar:
+        task = bar.add_task("train", total=len(data.train) // 32 * 32 * epochs, info="")
+        train(data.train, data.num_train_pids, checkpoint, "small", TrainOptions(epochs=epochs), dataset_name="synthetic",
+              progress=lambda epoch, epochs, loss, rate, advance: bar.update(
+                  task, advance=advance, description=f"epoch {epoch}/{epochs}", info=f"loss {loss:.3f} {rate:.0f} img/s"))
+    has_gpu = gpu_available()
+    target = "tensorrt" if has_gpu else "cpu"
+    console.print(f"[bold]3/4[/] exporting FP32 and INT8 ({target} flavour) ONNX")
+    with progress_bar() as bar:
+        task = bar.add_task("INT8 sensitivity", total=None, info="", visible=False)
+        exported = export_all(ExportOptions(checkpoint=str(checkpoint), int8=True, int8_target=target,
+                                            out_dir=str(workdir)), log=console.print,
+                              progress=lambda d, t: bar.update(task, completed=d, total=t, visible=True))
+    models = {"PyTorch FP32": checkpoint, "ONNX FP32": Path(exported["fp32"]), f"ONNX INT8 ({target})":
+              Path(exported["int8"]["path"])}
+    if has_gpu:
+        try:
+            from han_edge.engine import BuildOptions, build_engine
+            models["TensorRT INT8"] = build_engine(exported["int8"]["path"], workdir / "han_small.int8.plan",
+                                                   BuildOptions(timing_cache=workdir / "timing.cache"))
+        except HanEdgeError as err:
+            console.print(f"TensorRT engine skipped: {err}")
+    console.print("[bold]4/4[/] gallery search through the runtime, per precision")
+    q_pids, q_cams = (np.array(v) for v in zip(*[(p, c) for _, p, c in data.query]))
+    g_pids, g_cams = (np.array(v) for v in zip(*[(p, c) for _, p, c in data.gallery]))
+    rows = []
+    for label, path in models.items():
+        embedder = Embedder(path)
+        start = time.perf_counter()
+        g_feats = embedder.embed_files([p for p, _, _ in data.gallery])
+        q_feats = embedder.embed_files([p for p, _, _ in data.query])
+        gallery = Gallery(embedder.config.feature_dim)
+        gallery.add(g_pids, g_feats, g_cams)
+        dist = gallery.distances(q_feats, g_feats)   # every gallery entry, for the protocol's ranking
+        metrics = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
+        speed = measure_throughput(path, batch, iters=5)
+        rows.append({"model": label, "rank1": metrics["rank1"], "mAP": metrics["mAP"],
+                     "images_per_s": speed["images_per_s"], "ms_per_image": speed["ms_per_image"],
+                     "size_mib": Path(path).stat().st_size / 2**20,
+                     "embed_s": time.perf_counter() - start})
+    table = Table(title=f"HAN(Small) on the synthetic set: {len(data.query)} queries x {len(data.gallery)} gallery "
+                        f"(batch {batch} throughput)")
+    for col in ("model", "rank-1", "mAP", "img/s", "ms/img", "size MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["model"], f"{100 * r['rank1']:.1f}", f"{100 * r['mAP']:.1f}", f"{r['images_per_s']:.1f}",
+                      f"{r['ms_per_image']:.2f}", f"{r['size_mib']:.2f}")
+    console.print(table)
+    write_json(workdir / "demo.json", rows, "demo results")
+    return rows

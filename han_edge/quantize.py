@@ -1,0 +1,275 @@
+"""INT8 stage: calibrated Q/DQ models in two flavours, with the sensitivity analysis.
+
+ONNX Runtime's static quantiser (``quantize_static``, QDQ format, per-channel symmetric S8
+weights, biases in float) places the Q/DQ nodes; the flavours differ in where:
+
+* ``tensorrt``: symmetric S8 activations (zero point 0), Q/DQ on the *inputs* of Conv/Gemm only
+  (activations and weights), Conv/Gemm outputs left unquantised — NVIDIA's explicit-quantization
+  placement rules: quantise all inputs of weighted layers and let TensorRT fuse each DQ into the
+  Conv/Gemm and the following pointwise ops (bias, ReLU, the residual-style Add of the
+  cross-attention, the attention Mul) into it, re-quantising only where the next Q sits; no float
+  Concat carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19.
+* ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid
+  and Mul between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
+  ``QLinearConv`` (integer in, integer out, ReLU folded into the output range) and the attention
+  into ``QLinearSigmoid``/``QLinearMul``. With Conv outputs excluded from quantisation (the
+  earlier placement), ORT could fuse only 22 of the 40 convolutions and ran slower than FP32.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from han_edge.config import config_from_metadata, model_metadata
+from han_edge.errors import HanEdgeError
+from han_edge.evaluate import centred_cosine, neighbour_agreement
+from han_edge.exporter import ort_optimized_op_counts
+from han_edge.fileio import atomic_write_bytes
+from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
+from han_edge.onnx_io import (
+    INPUT,
+    load_onnx,
+    onnx_metadata,
+    ort_session,
+    run_ort,
+    save_onnx,
+    set_metadata,
+)
+
+
+@dataclass(frozen=True)
+class Int8Flavour:
+    """Q/DQ conventions of one consumer of the INT8 model."""
+
+    name: str
+    precision: str
+    activation_symmetric: bool
+    unsigned_activations: bool
+    op_types: tuple[str, ...]
+    quantize_outputs: bool       # Q/DQ on Conv/Gemm outputs too (ORT's integer kernels need them)
+    fp16_float: bool             # the non-INT8 part in FP16 (opset 19)
+
+
+INT8_FLAVOURS = {
+    "tensorrt": Int8Flavour("tensorrt", "int8", activation_symmetric=True, unsigned_activations=False,
+                            op_types=("Conv", "Gemm"), quantize_outputs=False, fp16_float=True),
+    "cpu": Int8Flavour("cpu", "int8-cpu", activation_symmetric=False, unsigned_activations=True,
+                       op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul"), quantize_outputs=True, fp16_float=False),
+}
+CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
+WEIGHTED_OPS = ("Conv", "Gemm")
+QUANTIZED_OPS = ("Conv", "Gemm", "Relu", "Sigmoid", "Mul")
+FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op types are kept in FP32
+
+
+class ImageReader:
+    """ONNX Runtime CalibrationDataReader over pre-processed batches."""
+
+    def __init__(self, batch: np.ndarray, chunk: int = 32):
+        self.batch, self.chunk, self.pos = batch, chunk, 0
+
+    def get_next(self):
+        if self.pos >= len(self.batch):
+            return None
+        item = {INPUT: self.batch[self.pos:self.pos + self.chunk]}
+        self.pos += self.chunk
+        return item
+
+    def rewind(self):
+        self.pos = 0
+
+    def __len__(self):
+        return len(self.batch)
+
+
+def layer_groups(model) -> dict[str, list[str]]:
+    """Quantisable nodes grouped by network part and conv kind, e.g. ``blocks.1:dw``, ``attention.2``.
+
+    A Conv/Gemm is grouped by its name's first part (``:dw``/``:pw`` for the units' depthwise and
+    pointwise convs); a ReLU, Sigmoid or Mul joins the group of the node producing its first input,
+    so excluding a group keeps a conv and its activation in float together.
+    """
+    groups: dict[str, list[str]] = {}
+    group_of: dict[str, str] = {}   # tensor -> group of its producer
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        part = node.name.strip("/").split("/")[0] or node.name
+        if node.op_type in WEIGHTED_OPS:
+            if part.startswith(("blocks.", "local_units.")) and node.op_type == "Conv":
+                depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
+                part += ":dw" if depthwise else ":pw"
+        else:
+            part = group_of.get(node.input[0], part)
+        groups.setdefault(part, []).append(node.name)
+        for out in node.output:
+            group_of[out] = part
+    return groups
+
+
+def _calibration_key(fp32_path: Path, calib_batch: np.ndarray, method: str, flavour: Int8Flavour) -> str:
+    digest = hashlib.sha256(Path(fp32_path).read_bytes())
+    digest.update(np.ascontiguousarray(calib_batch).tobytes())
+    digest.update(f"{method}/{flavour.name}".encode())
+    return digest.hexdigest()[:16]
+
+
+def quantize(source: Path, out_path: Path, calib_batch: np.ndarray, flavour: Int8Flavour, method: str,
+             exclude_nodes: list[str], cache_path: Path) -> Path:
+    """One ORT static quantisation; ranges come from ``cache_path`` after the first calibration."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    methods = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
+               "minmax": CalibrationMethod.MinMax}
+    extra = {"ActivationSymmetric": flavour.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": False,
+             "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": flavour.activation_symmetric}
+    if not flavour.quantize_outputs:
+        extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
+    # ORT prints calibration chatter and pre-processing advice through print() and the root logger.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
+        warnings.simplefilter("ignore")
+        quantize_static(
+            str(source), str(out_path), ImageReader(calib_batch), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(flavour.op_types), per_channel=True,
+            activation_type=QuantType.QUInt8 if flavour.unsigned_activations else QuantType.QInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude_nodes, calibrate_method=methods[method],
+            extra_options=extra, calibration_cache_path=str(cache_path))
+    return out_path
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@dataclass
+class Int8Report:
+    flavour: str
+    method: str
+    calibration_images: int
+    excluded_groups: list[str]
+    sensitivity: dict[str, float] = field(default_factory=dict)   # group -> centred-cosine loss alone
+    centred_cosine: float = 0.0
+    neighbour_agreement: float = 0.0
+    calibration_cache: str = ""
+    cache_reused: bool = False
+    fp32_nodes: list[str] = field(default_factory=list)            # TensorRT flavour: kept FP32 (FP16 hurt)
+    fp16_sensitivity: dict[str, float] = field(default_factory=dict)
+    ort_ops: dict[str, int] = field(default_factory=dict)          # ONNX Runtime's optimised graph (CPU flavour)
+
+
+def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray, heldout_batch: np.ndarray,
+                flavour: str = "tensorrt", method: str = "percentile", exclude: list[str] | None = None,
+                target: float = 0.99, max_excluded: int = 8, progress=None) -> Int8Report:
+    """Calibrated INT8 Q/DQ model; layer groups that hurt most stay out of INT8 (sensitivity analysis).
+
+    ``exclude`` (group names from ``layer_groups``) overrides the analysis. In the TensorRT flavour
+    excluded groups run in FP16, not FP32; op types stay FP32 only where ``han_edge.half``'s FP16
+    sensitivity analysis shows FP16 costs more than ``FP16_TOLERANCE`` (named in the metadata).
+    """
+    import onnx
+
+    fp32_path, path = Path(fp32_path), Path(path)
+    if flavour not in INT8_FLAVOURS:
+        raise HanEdgeError(f"unknown INT8 target {flavour!r}; one of {', '.join(INT8_FLAVOURS)}")
+    if method not in CALIBRATION_METHODS:
+        raise HanEdgeError(f"unknown calibration method {method!r}; one of {', '.join(CALIBRATION_METHODS)}")
+    if len(calib_batch) == 0:
+        raise HanEdgeError("no calibration images")
+    spec = INT8_FLAVOURS[flavour]
+    fp32_model = load_onnx(fp32_path)
+    meta = onnx_metadata(fp32_model)
+    config, _ = config_from_metadata(meta, str(fp32_path))
+    groups = layer_groups(fp32_model)
+    if exclude is not None:
+        unknown = sorted(set(exclude) - set(groups))
+        if unknown:
+            raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
+    cache = path.with_name(path.name.removesuffix(".onnx") + ".calib.json")
+    key_file = cache.with_suffix(".key")
+    key = _calibration_key(fp32_path, calib_batch, method, spec)
+    reused = cache.is_file() and key_file.is_file() and key_file.read_text() == key
+    reference = run_ort(ort_session(fp32_path), heldout_batch)
+    report = Int8Report(flavour, method, len(calib_batch), [], calibration_cache=str(cache), cache_reused=reused)
+
+    with tempfile.TemporaryDirectory() as tmp:   # scratch models and the working calibration cache
+        tmp = Path(tmp)
+        work_cache = tmp / "calib.json"
+        if reused:   # otherwise the cache belongs to other weights/images/method: recalibrate
+            work_cache.write_bytes(cache.read_bytes())
+        source = fp32_path
+        if spec.fp16_float:
+            source = tmp / "source.onnx"
+            onnx.save(to_opset(fp32_model, FP16_OPSET), str(source))
+
+        def build(excluded_groups: list[str]):
+            nodes = [n for g in excluded_groups for n in groups[g]]
+            return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
+
+        def score_model(model) -> float:
+            onnx.save(model, str(tmp / "score.onnx"))
+            return centred_cosine(reference, run_ort(ort_session(tmp / "score.onnx"), heldout_batch))
+
+        def score(excluded_groups: list[str]) -> float:
+            model = build(excluded_groups)
+            return score_model(qdq_to_fp16(model) if spec.fp16_float else model)
+
+        if exclude is not None:
+            report.excluded_groups = list(exclude)
+        elif score([]) < target:
+            choose_exclusions(score, list(groups), target, max_excluded, report, progress)
+        final = build(report.excluded_groups)
+        if spec.fp16_float:
+            report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
+            final = qdq_to_fp16(final, report.fp32_nodes)
+        atomic_write_bytes(cache, work_cache.read_bytes(), "calibration cache")
+        atomic_write_bytes(key_file, key.encode(), "calibration cache key")
+
+    extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups}
+    if spec.fp16_float:
+        extra.update(float_precision="fp16", fp32_nodes=report.fp32_nodes, opset=FP16_OPSET)
+    set_metadata(final, {**meta, **model_metadata(config, spec.precision, **extra)})
+    save_onnx(final, path)
+    got = run_ort(ort_session(path), heldout_batch)
+    report.centred_cosine = centred_cosine(reference, got)
+    report.neighbour_agreement = neighbour_agreement(reference, got)
+    if not spec.fp16_float:
+        counts = ort_optimized_op_counts(path)
+        report.ort_ops = {op: counts.get(op, 0) for op in ("QLinearConv", "QGemm", "Conv", "FusedConv")}
+    return report
+
+
+def choose_exclusions(score, groups: list[str], target: float, max_excluded: int, report: Int8Report,
+                      progress=None) -> None:
+    """Sensitivity analysis: quantise each group alone, then keep the worst out of INT8 until ``target``.
+
+    ``score(excluded_groups)`` is the centred cosine against FP32 with those groups left unquantised.
+    """
+    for i, group in enumerate(groups):
+        report.sensitivity[group] = 1 - score([g for g in groups if g != group])
+        if progress:
+            progress(i + 1, len(groups))
+    ranked = sorted(report.sensitivity, key=report.sensitivity.get, reverse=True)
+    for group in ranked[:max_excluded]:
+        report.excluded_groups.append(group)
+        if score(report.excluded_groups) >= target:
+            break
