@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from han_edge.cli.common import (MAX_BATCH, app, check_batches, console, output_file, output_folder, progress_bar,
@@ -96,9 +95,10 @@ def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch
                 bar.update(tasks[phase], completed=step, total=steps)
             build_engine(onnx_path, engine_path, options, report)
     except MissingDependencyError as err:
-        Console(stderr=True).print(f"[bold red]engine not built:[/] {err}. The ONNX files above are complete; "
-                                   "pass --no-engine to skip this step.", highlight=False)
-        raise typer.Exit(3)
+        from han_edge.cli.common import fail
+
+        fail(f"{err}; the ONNX file {onnx_path} is complete (with `export`, pass --no-engine to skip this step)", 3,
+             "engine not built")
     console.print(f"wrote {engine_path} (+ {engine_path.name}.json)")
 
 
