@@ -7,12 +7,13 @@ Guarantees (tested in ``tests/test_fileio.py``):
 - the destination is checked before any work with one sentence naming the problem: a directory,
   a missing or non-folder parent, a read-only folder or file, a name ending in a separator, and
   (when the size is known) not enough free space;
-- the bytes go to ``.<name>.<pid>.<random>.tmp[suffix]`` beside the destination, are fsynced and renamed
+- the bytes go to ``.<name>.<pid>@<host>.<random>.tmp[suffix]`` beside the destination, are fsynced and renamed
   over it, so readers see the old file or the new one, never a mix, and a failed write (full disk,
   I/O error, exception in the caller's code, Ctrl-C) leaves the previous file unchanged and no
   temporary file behind;
 - a writer killed outright (SIGKILL, power loss) cannot clean up, so every write first sweeps the
-  temporary files of *dead* writers of the same destination (the pid in the name is not running):
+  temporary files of *dead* writers of the same destination (the pid in the name is not running on this
+  host; temps of other hosts on a shared file system are left alone):
   a stray temp never eats the space the next save needs;
 - the new file gets the previous file's permission bits, or the umask's default for a new one
   (not ``mkstemp``'s 0600); a symlinked destination updates the file it points to.
@@ -24,7 +25,9 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -128,17 +131,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _writer_tag() -> str:
+    """``<pid>@<host>`` in temporary names: a pid is only judged on the machine that owns it (shared file systems)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:16] or "host"
+    return f"{os.getpid()}@{host}"
+
+
 def sweep_stale_temps(path: str | Path) -> list[Path]:
-    """Remove ``.<name>.<pid>.*.tmp[suffix]`` beside ``path`` left by writers that are no longer running."""
+    """Remove ``.<name>.<pid>@<host>.*.tmp[suffix]`` beside ``path`` left by writers of this machine that are gone."""
     path = Path(path)
     removed = []
     try:
         candidates = list(path.parent.glob(f"{_glob_escape(_stem(path))}*.tmp*"))
     except OSError:
         return removed
+    own_pid, host = _writer_tag().split("@")
     for tmp in candidates:
-        pid_text = tmp.name[len(_stem(path)):].split(".", 1)[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+        pid_text, _, tmp_host = tmp.name[len(_stem(path)):].split(".", 1)[0].partition("@")
+        if tmp_host != host or not pid_text.isdigit() or pid_text == own_pid or _pid_alive(int(pid_text)):
             continue
         try:
             tmp.unlink()
@@ -161,10 +171,18 @@ def _default_mode(existing: Path) -> int:
     try:
         return existing.stat().st_mode & 0o7777
     except OSError:
-        with _UMASK_LOCK:
-            mask = os.umask(0)
-            os.umask(mask)
-        return 0o666 & ~mask
+        pass
+    try:   # Linux: read the umask without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -183,7 +201,7 @@ def atomic_path(path: str | Path, what: str = "output", size: int | None = None,
         check_destination(path, what, size)
     sweep_stale_temps(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f"{_stem(path)}{os.getpid()}.", suffix=f".tmp{suffix}",
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{_stem(path)}{_writer_tag()}.", suffix=f".tmp{suffix}",
                                         dir=path.parent)
         os.close(fd)
     except OSError as err:

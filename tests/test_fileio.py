@@ -151,10 +151,13 @@ def test_killed_writer_leaves_a_temp_that_the_next_write_removes(tmp_path):
     assert proc.returncode == -9
     (stray,) = temps(tmp_path)
     assert stray.stat().st_size == 100000 and target.read_bytes() == b"old"
-    live = tmp_path / f".gallery.npz.{os.getppid()}.abcd.tmp"    # a running writer's temp is left alone
-    live.write_bytes(b"live")
+    host = stray.name.split(".")[3].split("@")[1]
+    live = tmp_path / f".gallery.npz.{os.getppid()}@{host}.abcd.tmp"    # a running writer's temp is left alone
+    other_host = tmp_path / f".gallery.npz.{stray.name.split('.')[3].split('@')[0]}@elsewhere.abcd.tmp"
+    for keep in (live, other_host):                                       # and so is another machine's
+        keep.write_bytes(b"keep")
     atomic_write_bytes(target, b"new")
-    assert target.read_bytes() == b"new" and temps(tmp_path) == [live]
+    assert target.read_bytes() == b"new" and sorted(temps(tmp_path)) == sorted([live, other_host])
 
 
 def test_symlinked_destination_updates_its_target(tmp_path):
