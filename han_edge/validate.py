@@ -46,8 +46,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading
 MAX_FEATURE_DIM = 1 << 16
 _FRAME_KEY = re.compile(r"[0-9]+", re.ASCII)
-_UNSAFE_ADVICE = re.compile(r"weights_only|allow_pickle|pickle|trust|arbitrary code|can still be loaded|file an issue",
-                            re.IGNORECASE)
+# advice to load untrusted data unsafely, as PyTorch and NumPy word it (not bare words: a file may be
+# called weights_only.pt)
+_UNSAFE_ADVICE = re.compile(r"weights_only`?\s*(=|set to)\s*`?False|allow_pickle\s*=|trusted source|trust the source|"
+                            r"arbitrary code|can still be loaded|unpickl", re.IGNORECASE)
 PYTHON_OBJECTS = "it holds Python objects, which han-edge never loads (loading them could run code)"
 
 

@@ -218,6 +218,8 @@ def test_unsafe_advice_is_stripped_from_any_message():
             "succeed, but it can result in arbitrary code execution.\nPlease file an issue.")
     assert "weights_only" not in one_line(text) and "\n" not in one_line(text)
     assert "allow_pickle" not in one_line("Object arrays cannot be loaded when allow_pickle=False")
+    plain = "checkpoint runs/weights_only.pt cannot be resumed: it holds no training state (pickled by trust.py)"
+    assert one_line(plain) == plain                                        # names are not advice
 
 
 # -- model files that lie ---------------------------------------------------------------------------------------
@@ -344,3 +346,14 @@ def test_entry_point_in_a_subprocess(tmp_path, args, code, match):
     assert proc.returncode == code, output
     assert "Traceback" not in output and re.search(match, output), output
     assert one_sentence(message_of(output)), output
+
+
+def test_resume_from_a_checkpoint_without_training_state(tmp_path, synthetic_root):
+    from han_edge.checkpoint import save_checkpoint
+    from han_edge.model import build_model
+
+    model = build_model("small", 100)
+    save_checkpoint(tmp_path / "weights_only.pt", model, model.config, epoch=2)
+    refused(["train", "--resume", tmp_path / "weights_only.pt", "--epochs", "3", "--out", tmp_path / "x.pt"],
+            "cannot be resumed: it holds no training state \\(optimizer, scheduler, loader_rng, torch_rng\\)")
+    assert not (tmp_path / "x.pt").exists()

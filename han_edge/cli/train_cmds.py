@@ -49,7 +49,8 @@ def train(
         bar.update(task, total=per_epoch * epochs)
         if resume:
             from han_edge.checkpoint import load_checkpoint
-            bar.update(task, completed=per_epoch * load_checkpoint(resume)["epoch"])
+            done = load_checkpoint(resume).get("epoch", 0)     # train() refuses a checkpoint without training state
+            bar.update(task, completed=per_epoch * min(done, epochs) if isinstance(done, int) else 0)
         summary = run_training(data.train, data.num_train_pids, out, variant, options, resume, data.name, report)
     last = summary["history"][-1] if summary["history"] else {}
     console.print(f"wrote {out} (HAN({summary['variant']}), {summary['device']}, final loss {last.get('loss', float('nan')):.3f})")
