@@ -61,7 +61,7 @@ class MilvusIndex(VectorIndex):
     """Entries in a Milvus collection; search by FLAT (exact) or HNSW.
 
     ``MilvusIndex(dim, metric="l2", uri="gallery.db", collection="han_edge", index_type="flat",
-    hnsw_m=16, hnsw_ef_construction=200, hnsw_ef=128, token="", timeout_s=30.0)``
+    hnsw_m=16, hnsw_ef_construction=128, hnsw_ef=128, token="", timeout_s=30.0)``
 
     Opening an existing collection checks its dimension, metric and index type against the
     arguments and refuses a mismatch (one sentence) instead of touching the stored entries.
@@ -69,7 +69,7 @@ class MilvusIndex(VectorIndex):
 
     def __init__(self, dim: int, metric: str = "l2", uri: str | Path = "han_edge_gallery.db",
                  collection: str = "han_edge", index_type: str = "flat", hnsw_m: int = 16,
-                 hnsw_ef_construction: int = 200, hnsw_ef: int = 128, token: str = "", timeout_s: float = 30.0):
+                 hnsw_ef_construction: int = 128, hnsw_ef: int = 128, token: str = "", timeout_s: float = 30.0):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not 1 <= int(dim) <= 32768:
             raise HanEdgeError(f"the gallery dimension must be a whole number from 1 to 32768, got {dim!r}")
         if metric not in METRICS:
