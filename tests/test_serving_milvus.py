@@ -6,8 +6,6 @@ import textwrap
 import numpy as np
 import pytest
 
-pytest.importorskip("pymilvus", reason="the Milvus gallery needs the [milvus] extra")
-
 from han_edge.errors import HanEdgeError  # noqa: E402
 from han_edge.indexes import VectorIndex  # noqa: E402
 from han_edge.milvus_index import MilvusIndex  # noqa: E402
