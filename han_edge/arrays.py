@@ -51,11 +51,10 @@ def to_numpy(array) -> np.ndarray:
 
 def from_numpy(xp, array, device=None, dtype=None):
     """An explicit host -> device copy of a NumPy (or nested-list) value into ``xp`` on ``device``."""
-    if dtype is not None:
-        array = np.asarray(array, dtype=dtype)
     if is_numpy(xp):
-        return np.asarray(array)
-    return xp.asarray(array, device=device)
+        return np.asarray(array, dtype=dtype)
+    out = xp.asarray(np.asarray(array), device=device)
+    return out if dtype is None or out.dtype == dtype else xp.astype(out, dtype)
 
 
 def ensure_on(xp, array, device, dtype=None):

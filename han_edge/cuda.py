@@ -1,77 +1,124 @@
-"""All CUDA use in one place: CuPy device arrays, streams, pinned host buffers and device info.
+"""Everything CUDA-specific in one module: which library holds device arrays, raw pointers, streams, device info.
 
-CuPy has wheels for x86-64 and Jetson (aarch64), gives cuBLAS GEMM and sorting for the gallery,
-and raw pointers/streams for TensorRT, so no pycuda context code is needed.
+The device pipeline needs device arrays that speak the array API and expose raw pointers for
+TensorRT / ONNX Runtime I/O binding. CuPy (x86-64 and Jetson wheels) is used when installed; where
+only PyTorch with CUDA is present, torch tensors serve the same role through ``array-api-compat`` —
+so CuPy is never required on a machine that has PyTorch. Both share memory through DLPack.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from han_edge.errors import MissingDependencyError
 
-INSTALL_HINT = ("install CuPy for your CUDA version (x86-64: pip install 'han-edge[gpu]' i.e. cupy-cuda12x; "
-                "Jetson: pip install cupy-cuda12x from the Jetson wheel index) on a machine with an NVIDIA GPU")
+INSTALL_HINT = ("on a machine with an NVIDIA GPU install PyTorch with CUDA, or CuPy for the CUDA major of your "
+                "driver (pip install 'han-edge[gpu-cu12]' or 'han-edge[gpu-cu13]'; Jetson: JetPack's CUDA with "
+                "the cupy-cuda12x Jetson wheel)")
+
+
+def _cupy_gpu():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:   # CUDA driver missing or broken
+        return None
+
+
+def _torch_gpu():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
 
 
 def require_cupy():
     """The cupy module with a usable GPU, or one clear sentence saying what is missing."""
-    try:
-        import cupy
-    except ImportError:
-        raise MissingDependencyError(f"the GPU path needs CuPy, which is not installed: {INSTALL_HINT}") from None
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as err:  # CUDA driver missing or broken
-        raise MissingDependencyError(f"CuPy is installed but no CUDA driver/GPU is usable ({err}); "
-                                     "run on a machine with an NVIDIA GPU and driver") from None
-    if count == 0:
-        raise MissingDependencyError("CuPy is installed but no NVIDIA GPU is visible")
+    cupy = _cupy_gpu()
+    if cupy is None:
+        raise MissingDependencyError(f"this needs CuPy with a usable NVIDIA GPU, and none is available here: "
+                                     f"{INSTALL_HINT}")
     return cupy
 
 
 def gpu_available() -> bool:
-    try:
-        require_cupy()
-        return True
-    except MissingDependencyError:
-        return False
+    """True where the device pipeline can run: a GPU visible to CuPy or to PyTorch."""
+    return _cupy_gpu() is not None or _torch_gpu() is not None
+
+
+def device_arrays(prefer: str = "cupy"):
+    """(xp, device) of the library that holds device arrays here: CuPy, else PyTorch CUDA tensors."""
+    order = ("cupy", "torch") if prefer == "cupy" else ("torch", "cupy")
+    for name in order:
+        if name == "cupy" and (cupy := _cupy_gpu()) is not None:
+            import array_api_compat.cupy as xp
+            return xp, cupy.cuda.Device()
+        if name == "torch" and (torch := _torch_gpu()) is not None:
+            import array_api_compat.torch as xp
+            return xp, torch.device("cuda", torch.cuda.current_device())
+    raise MissingDependencyError(f"the GPU path needs an NVIDIA GPU visible to CuPy or PyTorch, and none is: "
+                                 f"{INSTALL_HINT}")
 
 
 def device_description() -> dict:
-    """Name and compute capability of the current GPU (engines are specific to them)."""
-    cp = require_cupy()
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return {"gpu": name, "compute_capability": f"{props['major']}.{props['minor']}"}
+    """Name and compute capability of the current GPU (engines and timing caches are specific to them)."""
+    cupy = _cupy_gpu()
+    if cupy is not None:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        return {"gpu": name, "compute_capability": f"{props['major']}.{props['minor']}"}
+    torch = _torch_gpu()
+    if torch is not None:
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return {"gpu": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}"}
+    raise MissingDependencyError(f"no NVIDIA GPU is usable here: {INSTALL_HINT}")
 
 
-def array_module(device: str):
-    """numpy for 'cpu', cupy for 'cuda'."""
-    if device == "cpu":
-        return np
-    if device == "cuda":
-        return require_cupy()
-    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+def data_ptr(array) -> int:
+    """Raw device pointer of a contiguous CuPy array or torch tensor."""
+    if hasattr(array, "data_ptr"):
+        return int(array.data_ptr())
+    return int(array.data.ptr)
 
 
-def to_host(array) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array."""
-    if isinstance(array, np.ndarray):
-        return array
-    return array.get()
+def contiguous(xp, array, dtype=None):
+    """A C-contiguous device array (of ``dtype``), copying only when needed."""
+    if hasattr(array, "contiguous"):                         # torch
+        return (array if dtype is None else array.to(dtype)).contiguous()
+    import cupy
+
+    return cupy.ascontiguousarray(array, dtype=dtype)
 
 
-class PinnedBuffer:
-    """Page-locked host memory viewed as a NumPy array, for fast asynchronous device->host copies."""
+def stream_ptr(xp) -> int:
+    """Handle of the stream the library is currently issuing work on (TensorRT runs on it)."""
+    from array_api_compat import is_cupy_namespace
 
-    def __init__(self, shape, dtype=np.float32):
-        cp = require_cupy()
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        self._memory = cp.cuda.alloc_pinned_memory(nbytes)
-        self.array = np.frombuffer(self._memory, dtype, int(np.prod(shape))).reshape(shape)
+    if is_cupy_namespace(xp):
+        import cupy
 
-    def copy_from_device(self, device_array, stream) -> np.ndarray:
-        n = device_array.shape[0]
-        device_array.get(stream=stream, out=self.array[:n])
-        stream.synchronize()
-        return self.array[:n].copy()
+        return int(cupy.cuda.get_current_stream().ptr)
+    import torch
+
+    return int(torch.cuda.current_stream().cuda_stream)
+
+
+def synchronize(xp) -> None:
+    """Wait for the device work issued so far (for timing, and before handing buffers to another library)."""
+    from array_api_compat import is_cupy_namespace
+
+    if is_cupy_namespace(xp):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+        return
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def empty(xp, shape, dtype, device):
+    """An uninitialised device buffer (the backends' output buffers)."""
+    return xp.empty(shape, dtype=dtype, device=device)

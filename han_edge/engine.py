@@ -1,4 +1,4 @@
-"""TensorRT engines: build a `.plan` from an exported ONNX, load it, run it on device buffers.
+"""TensorRT engines: build a `.plan` from an exported ONNX (loading and running it is ``backends.tensorrt``).
 
 Written to the TensorRT 10 and 11 Python APIs with one code path: networks are strongly typed
 (the flag is required on 10.x and accepted on 11.x), precision comes from the ONNX (FP16 tensors,
@@ -8,7 +8,7 @@ TensorRT version / GPU the engine was built for are stored beside it in ``<engin
 from __future__ import annotations
 
 import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +112,20 @@ class BuildOptions:
     opt_batch: int = 32
     max_batch: int = 64
     workspace_mib: int = 1024
-    timing_cache: Path | None = None
+    cache_dir: Path | None = None        # timing caches live here, one per TensorRT version + GPU + sm
+
+
+def check(result, step: str):
+    """One error checker for TensorRT calls that report failure by None / False / -1 instead of raising."""
+    if result is None or result is False or (isinstance(result, int) and not isinstance(result, bool) and result < 0):
+        raise HanEdgeError(f"TensorRT failed to {step} (see the TensorRT log above)")
+    return result
+
+
+def timing_cache_path(cache_dir: str | Path, trt_version: str, device: dict) -> Path:
+    """A timing cache per TensorRT version, GPU and compute capability: caches never cross machines."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", device["gpu"]).strip("-").lower()
+    return Path(cache_dir) / f"timing-trt{trt_version}-{gpu}-sm{device['compute_capability'].replace('.', '')}.cache"
 
 
 class _Progress:
@@ -142,114 +155,53 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                  report=None) -> Path:
     """Compile an exported ONNX into a serialized engine plus its metadata side file."""
     from han_edge.cuda import device_description
-    from han_edge.onnx_io import load_onnx, onnx_metadata
+    from han_edge.fileio import atomic_write_bytes, check_destination, write_json
+    from han_edge.onnx_io import INPUT, load_onnx, onnx_metadata
 
     options = options or BuildOptions()
-    trt = require_tensorrt()
-    device = device_description()        # raises the CuPy/GPU sentence when there is no GPU
+    if not 1 <= options.min_batch <= options.opt_batch <= options.max_batch:
+        raise HanEdgeError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {options.min_batch}, "
+                           f"{options.opt_batch}, {options.max_batch}")
+    engine_path = check_destination(engine_path, "engine")
     meta = onnx_metadata(load_onnx(onnx_path))
     config, precision = config_from_metadata(meta, str(onnx_path))
-    if not options.min_batch <= options.opt_batch <= options.max_batch:
-        raise HanEdgeError(f"batch sizes must satisfy min <= opt <= max, got {options.min_batch}, "
-                           f"{options.opt_batch}, {options.max_batch}")
+    trt = require_tensorrt()
+    device = device_description()        # raises the one-sentence "no GPU" error
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    builder = check(trt.Builder(logger), "create a builder (is the GPU usable?)")
+    # Strongly typed: the ONNX's types (FP16 tensors, Q/DQ) are the precision; required for that on 10.x.
+    network = check(builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)),
+                    "create a strongly typed network")
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise HanEdgeError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    build_config = builder.create_builder_config()
+        raise HanEdgeError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}")
+    build_config = check(builder.create_builder_config(), "create a builder config")
     build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     height, width = config.input_size
-    profile = builder.create_optimization_profile()
-    profile.set_shape("images", (options.min_batch, 3, height, width), (options.opt_batch, 3, height, width),
-                      (options.max_batch, 3, height, width))
-    build_config.add_optimization_profile(profile)
-    cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
-    timing_cache = build_config.create_timing_cache(cache_bytes)
-    build_config.set_timing_cache(timing_cache, ignore_mismatch=True)
+    profile = check(builder.create_optimization_profile(), "create an optimization profile")
+    shapes = [(b, 3, height, width) for b in (options.min_batch, options.opt_batch, options.max_batch)]
+    try:
+        profile.set_shape(INPUT, *shapes)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise HanEdgeError(f"TensorRT refused the batch profile {shapes} for input '{INPUT}': {err}") from None
+    check(build_config.add_optimization_profile(profile), f"add the batch profile {shapes}")
+    cache_path = timing_cache_path(options.cache_dir, trt.__version__, device) if options.cache_dir else None
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    timing_cache = check(build_config.create_timing_cache(cache_bytes), "read the timing cache "
+                         f"{cache_path} (delete it to start a new one)")
+    check(build_config.set_timing_cache(timing_cache, ignore_mismatch=False),
+          f"use the timing cache {cache_path}: it was written by another TensorRT or GPU; delete it")
     if report is not None:
-        monitor = _Progress(trt, report)
-        build_config.progress_monitor = monitor
+        build_config.progress_monitor = _Progress(trt, report)
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise HanEdgeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    engine_path = Path(engine_path)
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(engine_path, bytes(serialized))
-    if options.timing_cache:
-        _atomic_write(options.timing_cache, bytes(build_config.get_timing_cache().serialize()))
+    atomic_write_bytes(engine_path, bytes(serialized), "engine")
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(build_config.get_timing_cache().serialize()), "timing cache")
     side = {"metadata": meta, "precision": precision, "tensorrt": trt.__version__, **device,
             "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},
             "source_onnx": str(onnx_path)}
-    _atomic_write(side_file(engine_path), json.dumps(side, indent=2).encode())
+    write_json(side_file(engine_path), side, "engine metadata")
     return engine_path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-class TensorRTModel:
-    """A deserialised engine with one execution context, run with device pointers on a CuPy stream."""
-
-    def __init__(self, engine_path: str | Path):
-        if not Path(engine_path).is_file():
-            raise HanEdgeError(f"engine {engine_path} not found")
-        trt = require_tensorrt()     # the first thing a user without TensorRT needs to hear
-        side = read_engine_metadata(engine_path)
-        self.config, self.precision = config_from_metadata(side["metadata"], str(engine_path))
-        from han_edge.cuda import device_description, require_cupy
-
-        cp = require_cupy()
-        here = {"tensorrt": trt.__version__, **device_description()}
-        built = {k: side.get(k) for k in here}
-        if built != here:
-            raise HanEdgeError(f"engine {engine_path} was built for TensorRT {built['tensorrt']} on {built['gpu']} "
-                               f"(sm {built['compute_capability']}) but this is TensorRT {here['tensorrt']} on "
-                               f"{here['gpu']} (sm {here['compute_capability']}); rebuild it on this machine with "
-                               f"`han-edge build {side.get('source_onnx', 'MODEL.onnx')}`")
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise HanEdgeError(f"TensorRT {trt.__version__} cannot deserialize {engine_path}: corrupt file or "
-                               "built by another TensorRT version")
-        self.context = self.engine.create_execution_context()
-        self.input_name, self.output_name = self._io_names(trt)
-        _, _, max_shape = self.engine.get_tensor_profile_shape(self.input_name, 0)
-        self.max_batch = int(max_shape[0])
-        self.profile_batches = tuple(int(s[0]) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
-        self.stream = cp.cuda.Stream(non_blocking=True)
-        self._output = cp.empty((self.max_batch, self.config.feature_dim), cp.float32)
-        self._cp = cp
-
-    def _io_names(self, trt) -> tuple[str, str]:
-        inputs, outputs = [], []
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            (inputs if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise HanEdgeError(f"engine has inputs {inputs} and outputs {outputs}; expected one of each")
-        return inputs[0], outputs[0]
-
-    def infer_device(self, batch):
-        """(n, 3, H, W) float32 CuPy array -> (n, 1024) CuPy view of the output buffer."""
-        cp = self._cp
-        n = batch.shape[0]
-        if n > self.max_batch:
-            raise HanEdgeError(f"batch of {n} exceeds the engine's maximum batch {self.max_batch}")
-        batch = cp.ascontiguousarray(batch, dtype=cp.float32)
-        self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        self.context.set_tensor_address(self.input_name, batch.data.ptr)
-        self.context.set_tensor_address(self.output_name, self._output.data.ptr)
-        caller = cp.cuda.get_current_stream()
-        self.stream.wait_event(caller.record())       # input written on the caller's stream
-        if not self.context.execute_async_v3(self.stream.ptr):
-            raise HanEdgeError("TensorRT execution failed (see the log above)")
-        caller.wait_event(self.stream.record())       # caller reads the output after the engine ran
-        return self._output[:n]

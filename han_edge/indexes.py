@@ -82,3 +82,155 @@ def recent_mask(ids: np.ndarray, times: np.ndarray, per_id: int) -> np.ndarray:
     drop = np.zeros(len(ids), bool)
     drop[order] = rank_from_end >= per_id
     return drop
+
+
+def resolve_device(device):
+    """(xp, device) from 'cpu', 'cuda' or an explicit (xp, device) pair (e.g. ``Embedder.placement``)."""
+    from han_edge.errors import HanEdgeError
+
+    if isinstance(device, tuple) and len(device) == 2:
+        return device
+    if device == "cpu":
+        import array_api_compat.numpy as xp
+        return xp, "cpu"
+    if device == "cuda":
+        from han_edge.cuda import device_arrays
+        return device_arrays()
+    raise HanEdgeError(f"device must be 'cpu', 'cuda' or an (array namespace, device) pair, got {device!r}")
+
+
+class ExactIndex(VectorIndex):
+    """Exact search by one GEMM and a device top-k, written against the array API (NumPy, CuPy, PyTorch).
+
+    Features, squared norms, ids and cameras live on the device; a search sends back only the (Q, k)
+    ids and distances. Writers hold a lock; readers take a snapshot of array references under it and
+    never see a half-written row (rows past the snapshot's size are invisible to them).
+    """
+
+    def __init__(self, dim: int, metric: str = "l2", device="cpu", capacity: int = 1024):
+        import threading
+
+        self.dim, self.metric = dim, metric
+        self.xp, self.device = resolve_device(device)
+        self._lock = threading.Lock()
+        self._size = 0
+        self._alloc(max(int(capacity), 1))
+
+    def _alloc(self, capacity: int, keep: int = 0) -> None:
+        xp, dev = self.xp, self.device
+        feats = xp.zeros((capacity, self.dim), dtype=xp.float32, device=dev)
+        sq = xp.zeros((capacity,), dtype=xp.float32, device=dev)
+        ids_d = xp.zeros((capacity,), dtype=xp.int64, device=dev)
+        cams_d = xp.zeros((capacity,), dtype=xp.int64, device=dev)
+        ids, cams, times = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64), np.zeros(capacity)
+        if keep:
+            feats[:keep, ...], sq[:keep] = self._feats[:keep, ...], self._sq[:keep]
+            ids_d[:keep], cams_d[:keep] = self._ids_d[:keep], self._cams_d[:keep]
+            ids[:keep], cams[:keep], times[:keep] = self._ids[:keep], self._cams[:keep], self._times[:keep]
+        self._feats, self._sq, self._ids_d, self._cams_d = feats, sq, ids_d, cams_d
+        self._ids, self._cams, self._times = ids, cams, times
+
+    def count(self) -> int:
+        return self._size
+
+    def add(self, feats, ids, cams, times) -> None:
+        from han_edge.arrays import ensure_on, from_numpy
+
+        xp = self.xp
+        feats = ensure_on(xp, feats, self.device, xp.float32)
+        with self._lock:
+            n, end = self._size, self._size + len(ids)
+            if end > self._ids.shape[0]:
+                self._alloc(max(end, 2 * self._ids.shape[0]), keep=n)   # doubling: amortised O(1) per add
+            self._feats[n:end, ...] = feats
+            self._sq[n:end] = xp.sum(feats * feats, axis=1)
+            self._ids_d[n:end] = from_numpy(xp, ids, self.device)
+            self._cams_d[n:end] = from_numpy(xp, cams, self.device)
+            self._ids[n:end], self._cams[n:end], self._times[n:end] = ids, cams, times
+            self._size = end
+
+    def _keep_rows(self, drop: np.ndarray) -> int:
+        """Rebuild from the kept rows into new arrays: snapshots held by readers stay valid."""
+        from han_edge.arrays import from_numpy
+
+        removed = int(drop.sum())
+        if removed:
+            keep = np.flatnonzero(~drop)
+            rows = from_numpy(self.xp, keep, self.device)
+            old = (self._feats, self._sq, self._ids_d, self._cams_d, self._ids, self._cams, self._times)
+            self._alloc(self._ids.shape[0])
+            take = self.xp.take
+            self._feats[:len(keep), ...] = take(old[0], rows, axis=0)
+            self._sq[:len(keep)], self._ids_d[:len(keep)] = take(old[1], rows, axis=0), take(old[2], rows, axis=0)
+            self._cams_d[:len(keep)] = take(old[3], rows, axis=0)
+            self._ids[:len(keep)], self._cams[:len(keep)], self._times[:len(keep)] = old[4][keep], old[5][keep], old[6][keep]
+            self._size = len(keep)
+        return removed
+
+    def remove(self, ids=None, before=None) -> int:
+        with self._lock:
+            n = self._size
+            drop = np.zeros(n, bool)
+            if ids is not None:
+                drop |= np.isin(self._ids[:n], ids)
+            if before is not None:
+                drop |= self._times[:n] < before
+            return self._keep_rows(drop)
+
+    def keep_recent(self, per_id: int) -> int:
+        with self._lock:
+            n = self._size
+            return self._keep_rows(recent_mask(self._ids[:n], self._times[:n], per_id))
+
+    def _view(self):
+        with self._lock:
+            n = self._size
+            return n, self._feats[:n, ...], self._sq[:n], self._ids_d[:n], self._cams_d[:n]
+
+    def search(self, queries, k, query_cams=None):
+        from han_edge.arrays import ensure_on, from_numpy, smallest_k, to_numpy
+
+        xp = self.xp
+        n, feats, sq, ids_d, cams_d = self._view()
+        queries = ensure_on(xp, queries, self.device, xp.float32)
+        dist = distances(xp, queries, feats, self.metric, sq)
+        if query_cams is not None:
+            qc = from_numpy(xp, np.asarray(query_cams, np.int64), self.device)
+            same = (qc[:, None] == cams_d[None, :]) & (qc[:, None] != -1)
+            dist = xp.where(same, xp.asarray(float("inf"), dtype=xp.float32, device=self.device), dist)
+        rows, top_d = smallest_k(xp, dist, k)
+        flat = xp.reshape(rows, (-1,))
+        top_ids = xp.reshape(xp.take(ids_d, flat, axis=0), rows.shape)
+        # The GEMM form loses precision near 0 (|q|^2 + |g|^2 - 2q.g); recompute the k winners directly.
+        chosen = xp.reshape(xp.take(feats, flat, axis=0), (rows.shape[0], rows.shape[1], self.dim))
+        exact = pair_distances(xp, queries[:, None, :], chosen, self.metric)
+        top_d = xp.where(xp.isinf(top_d), top_d, exact)
+        return pad_results(to_numpy(top_ids), to_numpy(top_d), k)        # only ids and distances come back
+
+    def entries(self) -> Entries:
+        from han_edge.arrays import to_numpy
+
+        with self._lock:
+            n = self._size
+            return Entries(to_numpy(self._feats[:n, ...]).copy(), self._ids[:n].copy(), self._cams[:n].copy(),
+                           self._times[:n].copy())
+
+
+def pair_distances(xp, a, b, metric: str):
+    """Distances between matching rows of a and b (broadcast over leading axes), computed directly."""
+    if metric == "cosine":
+        dot = xp.sum(a * b, axis=-1)
+        norms = xp.sqrt(xp.sum(a * a, axis=-1) * xp.sum(b * b, axis=-1))
+        return 1 - dot / xp.clip(norms, min=1e-12)
+    diff = a - b
+    return xp.sqrt(xp.sum(diff * diff, axis=-1))
+
+
+def distances(xp, queries, feats, metric: str, sq_norms=None):
+    """(Q, G) distances from one GEMM: Euclidean for "l2", 1 - cosine for "cosine" (``sq_norms``: cached |g|^2)."""
+    dots = queries @ xp.matrix_transpose(feats)
+    g_sq = xp.sum(feats * feats, axis=1) if sq_norms is None else sq_norms
+    q_sq = xp.sum(queries * queries, axis=1)
+    if metric == "cosine":
+        return 1 - dots / xp.sqrt(xp.clip(q_sq[:, None] * g_sq[None, :], min=1e-24))
+    return xp.sqrt(xp.clip(q_sq[:, None] + g_sq[None, :] - 2 * dots, min=0.0))

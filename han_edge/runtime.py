@@ -1,8 +1,14 @@
-"""Runtime: embed person crops with any backend — TensorRT (.plan/.engine), ONNX Runtime (.onnx), PyTorch (.pt).
+"""Runtime: person crops in, features out — one pipeline for every backend.
 
-One interface (boxmot style): the backend is chosen from the file suffix, input size, mean/std and
-batch limits come from the model's own metadata, and pre-processing (``preprocess.crop_batch``) is
-shared by all backends — NumPy on the CPU, CuPy on the GPU.
+frame (uploaded once) -> all boxes cropped, resized, normalised in one batched step on the backend's
+device -> backend -> features stay on that device (for ``Gallery`` on the same device) unless asked
+for on the host. The backend is chosen by ``han_edge.formats`` from the file (TensorRT, ONNX Runtime,
+PyTorch, Triton); where its arrays live is the backend's ``xp``/``device``. On a NumPy backend the
+host pre-processing (OpenCV per box) is used; on any other library the array-API gather.
+
+Memory is bounded by one chunk: boxes are pre-processed and run ``max_batch`` at a time, so peak
+memory is one chunk's input (max_batch x 3 x H x W float32: 7.9 MB at 64 x 160 x 64) plus the
+(N, D) float32 features (4 KiB per box).
 """
 from __future__ import annotations
 
@@ -10,190 +16,156 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.config import HANConfig, config_from_metadata
-from han_edge.errors import HanEdgeError, MissingDependencyError
-from han_edge.preprocess import check_frame, clip_boxes, crop_batch
-
-ENGINE_SUFFIXES = (".plan", ".engine")
-
-
-class OnnxRuntimeBackend:
-    """ONNX Runtime: CPU provider here, CUDA/TensorRT providers where onnxruntime-gpu offers them."""
-
-    device = "cpu"
-
-    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependencyError("running .onnx models needs ONNX Runtime: pip install 'han-edge[ort]'") from None
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        wanted = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=wanted)
-        except Exception as err:
-            raise HanEdgeError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0][:200]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.config, self.precision = config_from_metadata(meta, str(path))
-        self.provider = self.session.get_providers()[0]
-        self.name = f"onnxruntime/{self.provider.replace('ExecutionProvider', '')}"
-        self.max_batch = 64
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(["features"], {"images": batch})[0]
-
-
-class TorchBackend:
-    """A training checkpoint run by PyTorch (CPU, or CUDA when present)."""
-
-    def __init__(self, path: Path, device: str | None = None):
-        try:
-            import torch
-        except ImportError:
-            raise MissingDependencyError("running a .pt checkpoint needs PyTorch: pip install torch") from None
-        from han_edge.checkpoint import model_from_checkpoint
-
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, self.config, _ = model_from_checkpoint(path)
-        self.model = model.to(self.device)
-        self.precision = "fp32"
-        self.name = f"pytorch/{self.device}"
-        self.max_batch = 64
-        self._torch = torch
-
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        with self._torch.no_grad():
-            return self.model(self._torch.from_numpy(batch).to(self.device)).cpu().numpy()
-
-
-class TensorRTBackend:
-    """A TensorRT engine; input batches and features stay on the GPU."""
-
-    device = "cuda"
-
-    def __init__(self, path: Path):
-        from han_edge.engine import TensorRTModel
-
-        self.model = TensorRTModel(path)
-        self.config, self.precision = self.model.config, self.model.precision
-        self.max_batch = self.model.max_batch
-        self.name = "tensorrt/cuda"
-
-    def infer(self, batch):
-        return self.model.infer_device(batch).copy()
-
-
-def open_backend(path: str | Path, **kwargs):
-    """The backend for a model file, chosen from its suffix."""
-    path = Path(path)
-    if not path.is_file():
-        raise HanEdgeError(f"model file {path} not found")
-    suffix = path.suffix.lower()
-    if suffix in ENGINE_SUFFIXES:
-        return TensorRTBackend(path)
-    if suffix == ".onnx":
-        return OnnxRuntimeBackend(path, **kwargs)
-    if suffix in (".pt", ".pth"):
-        return TorchBackend(path, **kwargs)
-    raise HanEdgeError(f"cannot tell the backend of {path.name}: use .plan/.engine (TensorRT), .onnx or .pt")
-
-
-def padded_size(n: int, max_batch: int) -> int:
-    """Pad a partial batch to the next power of two (capped at max_batch): few distinct shapes
-    keep ONNX Runtime/TensorRT on already-tuned kernels."""
-    size = 1
-    while size < n:
-        size *= 2
-    return min(size, max_batch)
+from han_edge.arrays import ensure_on, is_numpy, to_numpy
+from han_edge.backends import Backend, open_backend
+from han_edge.config import HANConfig
+from han_edge.errors import HanEdgeError
+from han_edge.preprocess import Normalizer, check_frame, clip_boxes, crop_batch, crop_batch_host, normalize, resize_crops
 
 
 class Embedder:
-    """Person crops -> (N, 1024) float32 features, per-branch L2-normalised (Section 3.4)."""
+    """Person crops -> (N, feature_dim) float32 features, per-branch L2-normalised (Section 3.4)."""
 
-    def __init__(self, model_path: str | Path, max_batch: int | None = None, **backend_options):
-        self.backend = open_backend(model_path, **backend_options)
+    def __init__(self, model: str | Path | Backend, max_batch: int | None = None, **backend_options):
+        self.backend = model if isinstance(model, Backend) else open_backend(model, **backend_options)
         self.config: HANConfig = self.backend.config
         self.precision: str = self.backend.precision
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise HanEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = min(max_batch or self.backend.max_batch, self.backend.max_batch)
-        self.device = getattr(self.backend, "device", "cpu")
-        self._pinned = None
-        if self.device == "cuda" and isinstance(self.backend, TensorRTBackend):
-            from han_edge.cuda import require_cupy
-            self.xp = require_cupy()
-        else:
-            self.xp = np
+        self.xp, self.array_device = self.backend.xp, self.backend.device
+        self.device = self.backend.kind
+        self.on_host = is_numpy(self.xp)
+        self.norm = Normalizer(self.xp, self.array_device, self.config.mean, self.config.std,
+                               folded=self.backend.normalization == "folded")
 
     @property
     def name(self) -> str:
         return self.backend.name
 
+    @property
+    def placement(self) -> tuple:
+        """(xp, device) where features come out: give it to ``Gallery(device=...)`` to match on the same device."""
+        return self.xp, self.array_device
+
+    def _empty(self, on_device: bool):
+        if on_device and not self.on_host:
+            from han_edge.arrays import from_numpy
+            return from_numpy(self.xp, np.zeros((0, self.config.feature_dim), np.float32), self.array_device)
+        return np.zeros((0, self.config.feature_dim), np.float32)
+
+    def _out(self, parts: list, on_device: bool):
+        if not parts:
+            return self._empty(on_device)
+        out = parts[0] if len(parts) == 1 else self.xp.concat(parts)
+        return out if on_device or self.on_host else to_numpy(out)
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def upload(self, frame):
+        """The frame as a uint8 array on the backend's device (a no-op for frames already there)."""
+        check_frame(frame)
+        return frame if self.on_host else ensure_on(self.xp, frame, self.array_device)
+
     def preprocess_frame(self, frame, boxes):
-        """Clipped boxes -> (N, 3, H, W) network input on the backend's device (frame uploaded once)."""
-        check_frame(frame, np if isinstance(frame, np.ndarray) else self.xp)
-        clipped = clip_boxes(boxes, frame.shape[:2])
-        frame_dev = self.xp.asarray(frame)
-        return crop_batch(self.xp, frame_dev, clipped, self.config.input_size, self.config.mean, self.config.std)
+        """Network input for every box of one frame (no chunking: for benchmarks and inspection)."""
+        frame = self.upload(frame)
+        return self._crop(frame, clip_boxes(boxes, frame.shape[:2]))
 
-    def embed_batch(self, batch, on_device: bool = False):
-        """Network input -> features; split to the max batch, the last chunk padded (rows dropped after)."""
-        xp = self.xp
+    def _crop(self, frame, boxes: np.ndarray):
+        if self.on_host:
+            return crop_batch_host(np.asarray(frame), boxes, self.config.input_size, self.norm)
+        return crop_batch(self.xp, frame, boxes, self.config.input_size, self.norm)
+
+    def _infer(self, batch):
+        """One chunk (<= max_batch) through the backend, padded to a size its profile runs."""
         n = batch.shape[0]
-        if n == 0:
-            return xp.zeros((0, self.config.feature_dim), xp.float32)
+        size = self.backend.padded_size(n)
+        if size > n:
+            xp = self.xp
+            pad = xp.zeros((size - n, *batch.shape[1:]), dtype=xp.float32, device=self.array_device)
+            batch = xp.concat([batch, pad])
+        return self.backend.infer(batch)[:n, ...]
+
+    # -- public API ------------------------------------------------------------------------------------
+    def embed_batch(self, batch, on_device: bool = False):
+        """Network input (N, 3, H, W) float32 (host, or the backend's device) -> features, max_batch at a time."""
         expected = (3, *self.config.input_size)
-        if tuple(batch.shape[1:]) != expected:
-            raise HanEdgeError(f"model input must be (N, {expected[0]}, {expected[1]}, {expected[2]}), "
-                               f"got {tuple(batch.shape)}")
-        parts = []
-        for start in range(0, n, self.max_batch):
-            chunk = batch[start:start + self.max_batch]
-            size = padded_size(len(chunk), self.max_batch)
-            if size > len(chunk):
-                pad = xp.zeros((size - len(chunk), *chunk.shape[1:]), xp.float32)
-                chunk = xp.concatenate([chunk, pad])
-            parts.append(self.backend.infer(xp.ascontiguousarray(chunk, dtype=xp.float32))[:min(self.max_batch, n - start)])
-        out = xp.concatenate(parts)
-        if on_device or xp is np:
-            return out
-        return self._to_host(out)
-
-    def _to_host(self, features):
-        """Device -> host through a reused page-locked buffer (faster, and no allocation per batch)."""
-        from han_edge.cuda import PinnedBuffer
-
-        if self._pinned is None or self._pinned.array.shape[0] < features.shape[0]:
-            self._pinned = PinnedBuffer((max(features.shape[0], self.max_batch), self.config.feature_dim))
-        return self._pinned.copy_from_device(features, self.xp.cuda.get_current_stream())
+        shape = tuple(getattr(batch, "shape", ()))
+        if len(shape) != 4 or shape[1:] != expected:
+            raise HanEdgeError(f"model input must be (N, {expected[0]}, {expected[1]}, {expected[2]}), got {shape}")
+        batch = ensure_on(self.xp, batch, self.array_device, self.xp.float32)
+        if shape[0] and not bool(self.xp.all(self.xp.isfinite(batch))):
+            raise HanEdgeError("model input contains NaN or infinite values")
+        parts = [self._infer(batch[i:i + self.max_batch, ...]) for i in range(0, shape[0], self.max_batch)]
+        return self._out(parts, on_device)
 
     def embed_frame(self, frame, boxes, on_device: bool = False):
         """Features of the people in ``boxes`` (x1, y1, x2, y2 pixels) of a BGR uint8 frame.
 
         Boxes partly outside the frame are clipped to it; a box with no area inside it raises.
-        An empty box list gives an empty (0, 1024) result.
+        An empty box list gives an empty (0, D) result.
         """
-        if len(boxes) == 0:
-            return self.xp.zeros((0, self.config.feature_dim), self.xp.float32) if on_device else \
-                np.zeros((0, self.config.feature_dim), np.float32)
-        return self.embed_batch(self.preprocess_frame(frame, boxes), on_device=on_device)
+        return self.embed_frames([frame], [boxes], on_device)[0]
+
+    def embed_frames(self, frames: list, boxes_per_frame: list, on_device: bool = False):
+        """(features, frame_index): the crops of several frames (cameras) share inference batches.
+
+        As DeepStream batches across streams: the boxes of all frames fill batches of ``max_batch``,
+        and ``frame_index[i]`` says which frame feature ``i`` came from.
+        """
+        if len(frames) != len(boxes_per_frame):
+            raise HanEdgeError(f"{len(frames)} frames but {len(boxes_per_frame)} box lists")
+        work = []                                            # (frame on device, clipped host boxes, index)
+        for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
+            frame = self.upload(frame)
+            clipped = clip_boxes(boxes, frame.shape[:2]) if len(boxes) else np.zeros((0, 4), np.int64)
+            if len(clipped):
+                work.append((frame, clipped, i))
+        index = np.concatenate([np.full(len(c), i, np.int64) for _, c, i in work]) if work else np.zeros(0, np.int64)
+        parts, pending, filled = [], [], 0
+        for frame, clipped, _ in work:
+            pos = 0
+            while pos < len(clipped):            # a frame's boxes may straddle two batches
+                take = clipped[pos:pos + self.max_batch - filled]
+                pending.append(self._crop(frame, take))
+                filled, pos = filled + len(take), pos + len(take)
+                if filled == self.max_batch:
+                    parts.append(self._run_pending(pending))
+                    pending, filled = [], 0
+        if pending:
+            parts.append(self._run_pending(pending))
+        return self._out(parts, on_device), index
+
+    def _run_pending(self, pending: list):
+        batch = pending[0] if len(pending) == 1 else self.xp.concat(pending)
+        return self._infer(batch)
 
     def embed_crops(self, crops: list, on_device: bool = False):
-        """Features of already-cut person crops (BGR uint8 arrays of any size)."""
-        if len(crops) == 0:
-            return np.zeros((0, self.config.feature_dim), np.float32)
-        batches = [self.preprocess_frame(c, [[0, 0, c.shape[1], c.shape[0]]]) for c in crops]
-        return self.embed_batch(self.xp.concatenate(batches), on_device=on_device)
+        """Features of already-cut person crops (host BGR uint8 arrays of any size).
 
-    def embed_files(self, paths: list[str], chunk: int = 256, progress=None) -> np.ndarray:
-        """Features of image files, read in chunks to bound memory."""
+        Each crop is resized on the host (OpenCV), the stack uploaded once per chunk and normalised
+        on the device.
+        """
+        if not isinstance(crops, (list, tuple)):
+            raise HanEdgeError(f"crops must be a list of H x W x 3 uint8 images, got {type(crops).__name__}")
+        parts = []
+        for start in range(0, len(crops), self.max_batch):
+            chunk = list(crops[start:start + self.max_batch])
+            for j, crop in enumerate(chunk):
+                if not isinstance(crop, np.ndarray):
+                    raise HanEdgeError(f"crop {start + j} is {type(crop).__name__}, not an image array "
+                                       "(a failed cv2.imread returns None)")
+            resized = ensure_on(self.xp, resize_crops(chunk, self.config.input_size), self.array_device)
+            parts.append(self._infer(normalize(self.xp, resized, self.norm)))
+        return self._out(parts, on_device)
+
+    def embed_files(self, paths: list, chunk: int = 256, progress=None, on_device: bool = False):
+        """Features of image files, read ``chunk`` at a time to bound memory."""
         from han_edge.preprocess import load_image
 
-        out = []
+        parts = []
         for start in range(0, len(paths), chunk):
-            out.append(self.embed_crops([load_image(p) for p in paths[start:start + chunk]]))
+            parts.append(self.embed_crops([load_image(p) for p in paths[start:start + chunk]], on_device=True))
             if progress:
-                progress(len(out[-1]))
-        return np.concatenate(out) if out else np.zeros((0, self.config.feature_dim), np.float32)
+                progress(parts[-1].shape[0])
+        return self._out(parts, on_device)

@@ -53,15 +53,17 @@ def test_bad_inputs():
     gallery = Gallery(8)
     with pytest.raises(HanEdgeError, match="empty"):
         gallery.search(np.zeros(8, np.float32))
-    with pytest.raises(HanEdgeError, match="8-D features"):
+    with pytest.raises(HanEdgeError, match=r"shape \(N, 8\)"):
         gallery.add([1], np.zeros((1, 4)))
-    with pytest.raises(HanEdgeError, match="2 ids for 1 features"):
+    with pytest.raises(HanEdgeError, match="ids"):
         gallery.add([1, 2], np.zeros((1, 8)))
     with pytest.raises(HanEdgeError, match="NaN"):
         gallery.add([1], np.full((1, 8), np.nan))
     gallery.add([1], np.ones((1, 8)))
-    with pytest.raises(HanEdgeError, match=r"queries must be \(Q, 8\)"):
+    with pytest.raises(HanEdgeError, match=r"queries must have shape \(N, 8\)"):
         gallery.search(np.zeros((2, 3)))
+    with pytest.raises(HanEdgeError, match="NaN"):              # a NaN query is refused, not answered with id -1
+        gallery.search(np.full((1, 8), np.nan))
 
 
 def test_save_load_round_trip_and_truncated_file(tmp_path):
@@ -93,19 +95,22 @@ def test_save_failure_keeps_old_file(tmp_path, monkeypatch):
     gallery.save(path)
     before = path.read_bytes()
     gallery.add([2], np.zeros((1, 4)))
-    import han_edge.gallery as module
+    import errno
+    import han_edge.fileio as module
 
     def crash(src, dst):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(module.os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(HanEdgeError, match="no space"):
         gallery.save(path)
     assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npz"]      # no stray temporary file
 
 
-def test_one_writer_many_readers():
+@pytest.mark.parametrize("index", ["exact", "faiss"])
+def test_one_writer_many_readers(index):
     rng = np.random.default_rng(2)
-    gallery = Gallery(8)
+    gallery = Gallery(8, index=index)
     gallery.add([0], rng.normal(size=(1, 8)))
     errors = []
 
@@ -144,6 +149,39 @@ def test_faiss_index_agrees_with_exact():
     np.testing.assert_allclose(a_d[:, 0], e_d[:, 0], rtol=1e-3, atol=1e-3)
     approx.remove([0])
     assert approx.search(q[:1], 1)[0][0, 0] != 0
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss"])
+def test_same_camera_exclusion_runs_inside_every_index(index):
+    """FAISS used to fall back to exact search silently; now each index excludes by itself."""
+    rng = np.random.default_rng(5)
+    feats = rng.normal(size=(400, 16)).astype(np.float32)
+    cams = np.arange(400) % 4
+    ref, other = Gallery(16), Gallery(16, index=index)
+    ref.add(np.arange(400), feats, cams)
+    other.add(np.arange(400), feats, cams)
+    q, q_cams = feats[:12], np.array([0, 1, 2, 3, -1, 0, 1, 2, 3, -1, 0, 1])
+    want = ref.search(q, 5, q_cams, exclude_same_camera=True)
+    got = other.search(q, 5, q_cams, exclude_same_camera=True)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+    own = cams[got[0]] == q_cams[:, None]
+    assert not own[q_cams != -1].any() and got[0][4, 0] == 4        # camera -1 excludes nothing
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss"])
+def test_bounded_history_and_age(index):
+    clock = iter(range(100, 200))
+    gallery = Gallery(4, index=index, max_per_id=2, clock=lambda: float(next(clock)))
+    for i in range(5):                                     # identity 7 seen five times, identity 8 once
+        gallery.add([7], np.full((1, 4), i, np.float32), cams=[0])
+    gallery.add([8], np.full((1, 4), -1, np.float32), cams=[1])
+    e = gallery.entries()
+    assert sorted(e.ids.tolist()) == [7, 7, 8]
+    assert sorted(e.feats[e.ids == 7, 0].tolist()) == [3, 4]        # the two most recent of id 7 kept
+    assert gallery.remove_older_than(105) == 2 and gallery.entries().ids.tolist() == [8]
+    with pytest.raises(HanEdgeError, match="finite time"):
+        gallery.remove_older_than(float("nan"))
 
 
 @pytest.mark.gpu

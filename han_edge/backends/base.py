@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-import numpy as np
+import array_api_compat.numpy as host_xp
 
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
@@ -21,7 +21,7 @@ class Backend(ABC):
     config: HANConfig
     precision: str = "fp32"
     metadata: dict[str, str] = {}
-    xp = np                               # array namespace of infer()'s input and output
+    xp = host_xp                          # array namespace of infer()'s input and output (NumPy by default)
     device = "cpu"                        # the xp device infer() works on
     batch_profile: tuple[int, int, int] = (1, 32, 64)   # min / opt / max batch
 

@@ -1,0 +1,68 @@
+"""ONNX Runtime: the CPU provider everywhere; with onnxruntime-gpu, the CUDA provider on device buffers (I/O binding)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from han_edge.backends.base import Backend
+from han_edge.config import config_from_metadata
+from han_edge.errors import HanEdgeError
+from han_edge.onnx_io import ort_session
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+class OnnxRuntimeBackend(Backend):
+    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_batch: int | None = None):
+        import onnxruntime as ort
+
+        if providers is None:
+            providers = [p for p in (CUDA_PROVIDER, "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort_session(path, threads, providers)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.config, self.precision = config_from_metadata(self.metadata, str(path))
+        self._check_graph(path)
+        self.provider = self.session.get_providers()[0]
+        self.name = f"onnxruntime/{self.provider.replace('ExecutionProvider', '')}"
+        self.batch_profile = (1, min(32, max_batch or 64), max_batch or 64)
+        if self.provider == CUDA_PROVIDER:
+            from han_edge.cuda import device_arrays
+
+            self.xp, self.device = device_arrays()
+            self._binding = self.session.io_binding()
+
+    def _check_graph(self, path) -> None:
+        """The graph's I/O must be what the metadata says: one (N, 3, H, W) float input, (N, D) float output."""
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise HanEdgeError(f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; a HAN model has one each")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        h, w = self.config.input_size
+        want_in, want_out = ["batch", 3, h, w], ["batch", self.config.feature_dim]
+        got_in = [d if isinstance(d, int) else "batch" for d in inputs[0].shape]
+        got_out = [d if isinstance(d, int) else "batch" for d in outputs[0].shape]
+        if got_in[1:] != want_in[1:] or got_out[1:] != want_out[1:] or inputs[0].type != "tensor(float)":
+            raise HanEdgeError(f"{path} takes {inputs[0].type} {inputs[0].shape} and gives {outputs[0].shape}, but its "
+                               f"metadata describes HAN({self.config.variant}) with input (N, 3, {h}, {w}) float and "
+                               f"{self.config.feature_dim}-D features")
+
+    def infer(self, batch):
+        if self.kind == "cpu":
+            return self.check_output(self.session.run([self.output_name], {self.input_name: batch})[0], len(batch))
+        return self._infer_device(batch)
+
+    def _infer_device(self, batch):
+        """CUDA provider on device memory: the input and output stay on the GPU (no host round trip)."""
+        from han_edge.cuda import contiguous, data_ptr, empty, synchronize
+
+        xp = self.xp
+        batch = contiguous(xp, batch, xp.float32)
+        out = empty(xp, (batch.shape[0], self.config.feature_dim), xp.float32, self.device)
+        device_id = int(getattr(self.device, "id", None) or getattr(self.device, "index", None) or 0)
+        binding = self._binding
+        binding.bind_input(self.input_name, "cuda", device_id, np.float32, tuple(batch.shape), data_ptr(batch))
+        binding.bind_output(self.output_name, "cuda", device_id, np.float32, tuple(out.shape), data_ptr(out))
+        synchronize(xp)                  # the batch was written on the library's stream; ORT uses its own
+        self.session.run_with_iobinding(binding)
+        return out
