@@ -64,18 +64,19 @@ class MilvusIndex(VectorIndex):
     hnsw_m=16, hnsw_ef_construction=128, hnsw_ef=128, token="", timeout_s=30.0)``
 
     Opening an existing collection checks its dimension, metric and index type against the
-    arguments and refuses a mismatch (one sentence) instead of touching the stored entries.
+    arguments and refuses a mismatch (one sentence) instead of touching the stored entries;
+    ``index_type=None`` takes the stored collection's index (FLAT for a new one).
     """
 
     def __init__(self, dim: int, metric: str = "l2", uri: str | Path = "han_edge_gallery.db",
-                 collection: str = "han_edge", index_type: str = "flat", hnsw_m: int = 16,
+                 collection: str = "han_edge", index_type: str | None = "flat", hnsw_m: int = 16,
                  hnsw_ef_construction: int = 128, hnsw_ef: int = 128, token: str = "", timeout_s: float = 30.0):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not 1 <= int(dim) <= 32768:
             raise HanEdgeError(f"the gallery dimension must be a whole number from 1 to 32768, got {dim!r}")
         if metric not in METRICS:
             raise HanEdgeError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
-        index_type = str(index_type).lower()
-        if index_type not in INDEX_TYPES:
+        index_type = None if index_type is None else str(index_type).lower()   # None: the stored one (new: flat)
+        if index_type is not None and index_type not in INDEX_TYPES:
             raise HanEdgeError(f"unknown Milvus index type {index_type!r}; one of {', '.join(INDEX_TYPES)}")
         if not _NAME.match(str(collection)):
             raise HanEdgeError(f"invalid Milvus collection name {collection!r}: letters, digits and '_', "
@@ -140,6 +141,7 @@ class MilvusIndex(VectorIndex):
         if self._call("list collections", client.has_collection, name, timeout=self.timeout_s):
             self._check_existing()
             return
+        self.index_type = self.index_type or "flat"
         DataType = pymilvus.DataType
         schema = client.create_schema(auto_id=True, enable_dynamic_field=False)
         schema.add_field("pk", DataType.INT64, is_primary=True)
@@ -171,7 +173,9 @@ class MilvusIndex(VectorIndex):
         if metric and metric != METRICS[self.metric]:
             raise HanEdgeError(f"gallery {self.collection!r} at {self.uri} is indexed for {metric}, not "
                                f"{METRICS[self.metric]}; open it with metric={_metric_name(metric)!r}")
-        if kind and kind != self.index_type:
+        if self.index_type is None:
+            self.index_type = kind if kind in INDEX_TYPES else "flat"
+        elif kind and kind != self.index_type:
             raise HanEdgeError(f"gallery {self.collection!r} at {self.uri} has a {kind.upper()} index, not "
                                f"{self.index_type.upper()}; open it with index_type={kind!r}")
         self._call("load the gallery collection", self.client.load_collection, self.collection,
@@ -371,9 +375,9 @@ def _lite_release(path: str | None) -> None:
 
 @contextlib.contextmanager
 def _quiet_pymilvus():
-    """pymilvus / milvus-lite log each failed call with a traceback (we raise one sentence instead) and a
-    warning per query-iterator scan on Milvus Lite (no server-side MVCC timestamp)."""
-    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite")]
+    """pymilvus / milvus-lite log each failed call with a traceback (we raise one sentence instead), and a
+    query-iterator scan on Milvus Lite logs a warning and an unimplemented-RPC error (AllocTimestamp)."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite", "grpc._server")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)

@@ -186,3 +186,52 @@ def test_hnsw_recall_at_5_on_100k(tmp_path):
     want = np.argsort(sq, axis=1)[:, :5]
     recall = np.mean([len(set(want[i]) & set(got[i])) / 5 for i in range(len(queries))])
     assert recall >= 0.99
+
+
+def test_cli_embed_into_milvus_and_match(fresh_onnx, tmp_path):
+    """`embed --gallery milvus:X.db` adds to Milvus Lite; `match --gallery milvus:X.db` equals matching the .npz."""
+    import json
+
+    import cv2
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+
+    _, model = fresh_onnx
+    rng = np.random.default_rng(4)
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for pid in range(1, 7):
+        for cam in (1, 2):
+            cv2.imwrite(str(folder / f"{pid:04d}_c{cam}s1_000001_00.jpg"),
+                        rng.integers(0, 256, (128, 48, 3), dtype=np.uint8))
+    runner = CliRunner()
+    db = tmp_path / "g.db"
+    result = runner.invoke(app, ["embed", "--model", str(model), "--images", str(folder), "--out",
+                                 str(tmp_path / "g.npz"), "--gallery", f"milvus:{db}"])
+    assert result.exit_code == 0, result.output
+    query = tmp_path / "q.npz"
+    result = runner.invoke(app, ["embed", "--model", str(model), "--images", str(folder), "--out", str(query)])
+    assert result.exit_code == 0, result.output
+    reports = {}
+    for name, spec in (("npz", str(tmp_path / "g.npz")), ("milvus", f"milvus:{db}")):
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["match", "--gallery", spec, "--query", str(query), "-k", "3",
+                                     "--exclude-same-camera", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(out.read_text())
+    got_d, want_d = np.array(reports["milvus"]["distances"]), np.array(reports["npz"]["distances"])
+    np.testing.assert_allclose(got_d, want_d, atol=1e-5)
+    got_ids, want_ids = np.array(reports["milvus"]["ids"]), np.array(reports["npz"]["ids"])
+    # fresh weights put many crops at nearly equal distances: ids must agree wherever the distance is not a tie
+    gaps = np.diff(want_d, axis=1)
+    clear = np.ones_like(want_d, bool)
+    clear[:, 1:] &= gaps > 1e-5
+    clear[:, :-1] &= gaps > 1e-5
+    np.testing.assert_array_equal(got_ids[clear], want_ids[clear])
+    for row in range(len(want_ids)):        # and as sets within each row
+        assert sorted(got_ids[row]) == sorted(want_ids[row]) or not clear[row].all()
+    result = runner.invoke(app, ["match", "--gallery", "milvus:", "--query", str(query)])
+    assert result.exit_code == 2 and "needs a location" in result.output
+    result = runner.invoke(app, ["embed", "--model", str(model), "--images", str(folder), "--gallery", "x.npz"])
+    assert result.exit_code == 2

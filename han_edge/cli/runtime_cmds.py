@@ -20,23 +20,37 @@ def embed(
     images: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of images (whole images are crops unless --boxes)"),
     video: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="video file; needs --boxes keyed by frame index"),
     boxes: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
-    out: Path = typer.Option(..., callback=output_file("gallery file"), help="output .npz (a gallery file han-edge match reads)"),
+    out: Optional[Path] = typer.Option(None, callback=output_file("gallery file"), help="output .npz (a gallery file han-edge match reads)"),
+    gallery: Optional[str] = typer.Option(None, "--gallery", help="also add to a Milvus gallery: milvus:PATH.db (Milvus Lite) or milvus:http://host:19530"),
+    milvus_index: Literal["flat", "hnsw"] = typer.Option("flat", help="index of a new Milvus gallery"),
 ):
-    """Embed person crops from images or video frames into a gallery file."""
+    """Embed person crops from images or video frames into a gallery file and/or a Milvus gallery."""
+    from han_edge.cli.serve_cmds import milvus_uri, open_milvus_gallery
     from han_edge.pipeline import embed_sources
 
     if (images is None) == (video is None):
         raise HanEdgeError("give exactly one of --images DIR or --video FILE")
+    uri = milvus_uri(gallery)
+    if gallery is not None and uri is None:
+        raise HanEdgeError(f"--gallery {gallery!r} is not milvus:PATH.db or milvus:http://host:19530 (use --out for .npz)")
+    if out is None and uri is None:
+        raise HanEdgeError("give --out FILE.npz and/or --gallery milvus:PATH_OR_URI")
     with progress_bar() as bar:
         task = bar.add_task("embed", total=None, info=str(engine))
         gallery, count = embed_sources(engine, images, video, boxes, progress=lambda n: bar.advance(task, n))
-    gallery.save(out)
-    console.print(f"wrote {out}: {count} features")
+    if out is not None:
+        gallery.save(out)
+        console.print(f"wrote {out}: {count} features")
+    if uri is not None:
+        target = open_milvus_gallery(uri, gallery.dim, gallery.metric, milvus_index)
+        e = gallery.entries()
+        target.add(e.ids, e.feats, e.cams, e.times)
+        console.print(f"added {count} features to the Milvus gallery at {uri} ({len(target)} entries)")
 
 
 @app.command()
 def match(
-    gallery: Path = typer.Option(..., exists=True, dir_okay=False, help="gallery .npz (from embed or Gallery.save)"),
+    gallery: str = typer.Option(..., help="gallery .npz (from embed or Gallery.save), or milvus:PATH.db / milvus:http://host:19530"),
     query: Path = typer.Option(..., exists=True, dir_okay=False, help="query .npz (from embed)"),
     k: int = typer.Option(5, "-k", min=1, max=10_000, help="matches per query"),
     exclude_same_camera: bool = typer.Option(False, help="skip gallery entries of the query's camera"),
@@ -45,9 +59,17 @@ def match(
     """Top-k gallery identities for every query feature."""
     from han_edge.gallery import Gallery
 
-    gal = Gallery.load(gallery)
-    qry = Gallery.load(query, dim=gal.dim)
-    q_feats, q_ids, q_cams = qry._snapshot()
+    from han_edge.cli.serve_cmds import milvus_uri, open_milvus_gallery
+
+    uri = milvus_uri(gallery)
+    if uri is None:
+        gal = Gallery.load(Path(gallery))
+        qry = Gallery.load(query, dim=gal.dim)
+    else:
+        qry = Gallery.load(query)
+        gal = open_milvus_gallery(uri, qry.dim, qry.metric)
+    entries = qry.entries()
+    q_feats, q_ids, q_cams = entries.feats, entries.ids, entries.cams
     ids, dists = gal.search(q_feats, k, q_cams, exclude_same_camera)
     table = Table(title=f"top-{ids.shape[1]} of {len(gal)} gallery entries")
     table.add_column("query")

@@ -90,3 +90,24 @@ def triton_command(
                   f"{result['max_batch_size']}, preferred {result['preferred_batch_size']}, input "
                   f"{result['normalization']}; clients: Embedder(\"grpc://HOST:8001/{result['name']}\")")
     write_json(as_json, result)
+
+
+# -- Milvus galleries for embed / match ----------------------------------------------------------------------
+MILVUS_PREFIX = "milvus:"
+
+
+def milvus_uri(spec: Optional[str]) -> Optional[str]:
+    """``milvus:gallery.db`` / ``milvus:http://host:19530`` -> the URI; anything else -> None."""
+    if spec is None or not str(spec).startswith(MILVUS_PREFIX):
+        return None
+    uri = str(spec)[len(MILVUS_PREFIX):]
+    if not uri:
+        raise HanEdgeError("--gallery milvus: needs a location: milvus:PATH.db (Milvus Lite) or milvus:http://host:19530")
+    return uri
+
+
+def open_milvus_gallery(uri: str, dim: int, metric: str = "l2", index_type: Optional[str] = None):
+    """A ``Gallery`` on a Milvus collection (created if new; ``index_type`` None: whatever it already has)."""
+    from han_edge.gallery import Gallery
+
+    return Gallery(dim=dim, metric=metric, index="milvus", uri=uri, index_type=index_type)
