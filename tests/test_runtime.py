@@ -5,7 +5,7 @@ import pytest
 from han_edge import Embedder, Gallery
 from han_edge.errors import HanEdgeError, MissingDependencyError
 from han_edge.evaluate import cosine_rows
-from han_edge.preprocess import clip_boxes, crop_batch, normalize
+from han_edge.preprocess import Normalizer, clip_boxes, crop_batch, crop_batch_host, normalize
 
 
 def person_frame(seed=0, h=480, w=640):
@@ -18,11 +18,14 @@ def person_frame(seed=0, h=480, w=640):
 def test_crop_batch_matches_opencv_resize():
     frame, boxes = person_frame()
     clipped = clip_boxes(boxes, frame.shape[:2])
-    out = crop_batch(np, frame, clipped, (160, 64), (0, 0, 0), (1 / 255, 1 / 255, 1 / 255))  # identity normalisation
+    identity = Normalizer(np, "cpu", (0, 0, 0), (1 / 255, 1 / 255, 1 / 255))
+    gathered = crop_batch(np, frame, clipped, (160, 64), identity)           # the device path's code, on NumPy
+    host = crop_batch_host(frame, clipped, (160, 64), identity)
     for i, (x1, y1, x2, y2) in enumerate(clipped):
         ref = cv2.resize(frame[y1:y2, x1:x2], (64, 160), interpolation=cv2.INTER_LINEAR)[..., ::-1]
         # Stated tolerance: one grey level (OpenCV uses 11-bit fixed-point weights).
-        assert np.abs(out[i] - ref.transpose(2, 0, 1)).max() <= 1.0
+        assert np.abs(gathered[i] - ref.transpose(2, 0, 1)).max() <= 1.0
+        np.testing.assert_array_equal(host[i], ref.transpose(2, 0, 1))       # the host path is OpenCV's
 
 
 def test_embed_frame_equals_opencv_crops(fresh_onnx):
@@ -33,7 +36,7 @@ def test_embed_frame_equals_opencv_crops(fresh_onnx):
     assert feats.shape == (4, 1024) and feats.dtype == np.float32
     clipped = clip_boxes(boxes, frame.shape[:2])
     crops = [cv2.resize(frame[y1:y2, x1:x2], (64, 160), interpolation=cv2.INTER_LINEAR) for x1, y1, x2, y2 in clipped]
-    ref = emb.embed_batch(normalize(np, np.stack(crops)[..., ::-1], emb.config.mean, emb.config.std))
+    ref = emb.embed_batch(normalize(np, np.stack(crops), Normalizer(np, "cpu", emb.config.mean, emb.config.std)))
     assert cosine_rows(feats, ref).min() >= 0.999
     np.testing.assert_allclose(np.linalg.norm(feats[:, :512], axis=1), 1, atol=1e-4)
 
@@ -79,7 +82,7 @@ def test_bad_frames_and_boxes(fresh_onnx):
         emb.embed_frame(frame.astype(np.float32), boxes)
     with pytest.raises(HanEdgeError, match="H x W x 3"):
         emb.embed_frame(frame[..., 0], boxes)
-    with pytest.raises(HanEdgeError, match=r"\(N, 4\)"):
+    with pytest.raises(HanEdgeError, match=r"box 0 has 3 values, not 4"):
         emb.embed_frame(frame, [[1, 2, 3]])
     with pytest.raises(HanEdgeError, match=r"model input must be \(N, 3, 160, 64\)"):
         emb.embed_batch(np.zeros((2, 3, 128, 64), np.float32))
@@ -94,7 +97,7 @@ def test_backend_from_suffix_and_clear_errors(tmp_path, fresh_onnx):
         Embedder(corrupt)
     odd = tmp_path / "model.tflite"
     odd.write_bytes(b"x")
-    with pytest.raises(HanEdgeError, match="cannot tell the backend"):
+    with pytest.raises(HanEdgeError, match="cannot tell the format"):
         Embedder(odd)
     plan = tmp_path / "han_small.plan"
     plan.write_bytes(b"not an engine")
@@ -128,14 +131,78 @@ def test_python_api_example(fresh_onnx):
     assert (ids[:, 0] == [1, 2, 3, 4]).all() and np.allclose(dists[:, 0], 0, atol=1e-2)
 
 
-@pytest.mark.gpu
-def test_cupy_preprocessing_equals_numpy():
-    import cupy as cp
+def test_partial_batches_are_not_padded_to_powers_of_two(fresh_onnx):
+    """33 crops with max batch 32 run as 32 + 1, not 32 + 32 (padding only up to a profile's minimum)."""
+    _, path = fresh_onnx
+    emb = Embedder(path, max_batch=32)
+    seen = []
+    infer = emb.backend.infer
+    emb.backend.infer = lambda batch: (seen.append(batch.shape[0]), infer(batch))[1]
+    frame, boxes = person_frame(7)
+    emb.embed_frame(frame, np.concatenate([boxes] * 9)[:33])
+    assert seen == [32, 1]
+    emb.backend.batch_profile = (4, 16, 32)                  # an engine whose profile starts at 4
+    seen.clear()
+    assert emb.embed_frame(frame, boxes[:1]).shape == (1, 1024) and seen == [4]
 
-    frame, boxes = person_frame(6)
-    clipped = clip_boxes(boxes, frame.shape[:2])
-    cpu = crop_batch(np, frame, clipped, (160, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    gpu = crop_batch(cp, cp.asarray(frame), clipped, (160, 64), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+def test_embed_frames_many_boxes_memory_is_one_chunk(fresh_onnx):
+    """10,000 boxes run chunk by chunk: the pre-processed input never exceeds one batch."""
+    _, path = fresh_onnx
+    emb = Embedder(path, max_batch=64)
+    sizes = []
+    crop = emb._crop
+    emb._crop = lambda frame, boxes: (sizes.append(len(boxes)), crop(frame, boxes))[1]
+    emb.backend.infer = lambda batch: np.zeros((batch.shape[0], 1024), np.float32)   # the model is not the point
+    frame = np.zeros((1080, 1920, 3), np.uint8)
+    shift = np.stack([np.arange(10000) % 1800, np.arange(10000) % 1000] * 2, axis=1)
+    boxes = np.tile([[0, 0, 32, 64]], (10000, 1)) + shift
+    feats = emb.embed_frame(frame, boxes)
+    assert feats.shape == (10000, 1024) and max(sizes) == 64 and sum(sizes) == 10000
+
+
+@pytest.mark.gpu
+def test_cuda_device_pipeline_equals_cpu(trained_checkpoint, tmp_path):
+    """PyTorch on CUDA: frame -> crops -> features -> gallery all on the GPU, equal to the CPU path."""
+    import torch
+
+    from han_edge.checkpoint import model_from_checkpoint
+    from han_edge.exporter import export_fp32
+
+    model, config, _ = model_from_checkpoint(trained_checkpoint)
+    cpu = Embedder(export_fp32(model, config, tmp_path / "m.onnx"))
+    gpu = Embedder(trained_checkpoint, device="cuda")
+    frame, boxes = person_frame(8, 1080, 1920)
+    boxes = np.concatenate([boxes * 2] * 8)
+    batch = gpu.preprocess_frame(frame, boxes)
+    assert isinstance(batch, torch.Tensor) and batch.is_cuda                 # pre-processed on the device
+    feats = gpu.embed_frame(frame, boxes, on_device=True)
+    assert isinstance(feats, torch.Tensor) and feats.is_cuda                 # features stay there
+    want = cpu.embed_frame(frame, boxes)
+    assert cosine_rows(feats.cpu().numpy(), want).min() >= 0.999
+    gallery, host = Gallery(1024, device=gpu.placement), Gallery(1024)
+    cams = np.arange(len(boxes)) % 3
+    gallery.add(np.arange(len(boxes)), feats, cams)
+    host.add(np.arange(len(boxes)), feats.cpu().numpy(), cams)
+    got = gallery.search(feats, k=5, query_cams=cams, exclude_same_camera=True)
+    ref = host.search(feats.cpu().numpy(), k=5, query_cams=cams, exclude_same_camera=True)
+    assert isinstance(got[0], np.ndarray)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cupy_frames_and_boxes_from_a_gpu_detector(fresh_onnx):
+    """Frames decoded on the GPU and boxes from a GPU detector go in without a host round trip of the frame."""
+    cp = pytest.importorskip("cupy")
+    import array_api_compat.cupy as cxp
+
+    frame, boxes = person_frame(9)
+    clipped = clip_boxes(cp.asarray(boxes), frame.shape[:2])
+    norm = Normalizer(cxp, cp.cuda.Device(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    gpu = crop_batch(cxp, cp.asarray(frame), clipped, (160, 64), norm)
+    cpu = crop_batch(np, frame, clipped, (160, 64), Normalizer(np, "cpu", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert isinstance(gpu, cp.ndarray)
     np.testing.assert_allclose(cp.asnumpy(gpu), cpu, atol=1e-4)
 
 
