@@ -23,22 +23,22 @@ _CONFIG_TO_TRITON = {"TYPE_FP32": "FP32", "TYPE_FP16": "FP16", "TYPE_INT64": "IN
 
 
 class _Model:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, threads: int):
         import onnxruntime as ort
 
         self.config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
         self.versions = [str(v) for v in versions]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads      # 0: ONNX Runtime's default
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(folder / self.versions[-1] / "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
 
 
 class StubServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repo: Path, max_requests: int):
-        self.models = {p.name: _Model(p) for p in sorted(Path(repo).iterdir()) if (p / "config.pbtxt").is_file()}
+    def __init__(self, repo: Path, max_requests: int, threads: int = 1):
+        self.models = {p.name: _Model(p, threads) for p in sorted(Path(repo).iterdir()) if (p / "config.pbtxt").is_file()}
         self.max_requests = max_requests
         self.requests = 0
         self.infer_batches: list[int] = []
@@ -119,8 +119,8 @@ class StubServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 class TritonStub:
     """``with TritonStub(repo) as stub: ...`` -> ``stub.url`` is ``127.0.0.1:<free port>``."""
 
-    def __init__(self, repo: str | Path, max_requests: int = 500):
-        self.servicer = StubServicer(Path(repo), max_requests)
+    def __init__(self, repo: str | Path, max_requests: int = 500, threads: int = 1):
+        self.servicer = StubServicer(Path(repo), max_requests, threads)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                                   options=[("grpc.max_receive_message_length", 64 << 20),
                                            ("grpc.max_send_message_length", 64 << 20)])
