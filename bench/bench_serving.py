@@ -46,6 +46,19 @@ def timings(fn, iters: int, warmup: int = 2) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)), "iters": iters}
 
 
+def interleaved(fa, fb, iters: int, warmup: int = 2) -> tuple[dict, dict]:
+    for _ in range(warmup):
+        fa(), fb()
+    ta, tb = [], []
+    for _ in range(iters):
+        for fn, out in ((fa, ta), (fb, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1000)
+    return tuple({"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)), "iters": iters}
+                 for t in (ta, tb))
+
+
 def reid_features(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     views = 10
@@ -124,9 +137,8 @@ def triton_rows(tmp: Path) -> list[dict]:
         for batch in (1, 32):
             x = np.random.default_rng(batch).standard_normal((batch, 3, 160, 64)).astype(np.float32)
             np.testing.assert_allclose(remote.infer(x), local.infer(x), atol=1e-5)
-            iters = 30 if batch == 1 else 10
-            a = timings(lambda: local.infer(x), iters)
-            b = timings(lambda: remote.infer(x), iters)
+            # interleaved, so a change in the shared machine's load hits both sides alike
+            a, b = interleaved(lambda: local.infer(x), lambda: remote.infer(x), 30 if batch == 1 else 10)
             rows.append({"batch": batch, "in_process_ort": a, "triton_grpc": b,
                          "overhead_p50_ms": b["p50_ms"] - a["p50_ms"],
                          "request_mib": x.nbytes / 2**20})

@@ -187,3 +187,15 @@ def test_model_without_han_edge_parameters_is_refused(fresh_onnx, tmp_path):
         with pytest.raises(HanEdgeError, match="carries no han-edge metadata"):
             TritonBackend(f"grpc://{stub.url}/bare")
     shutil.rmtree(root)
+
+
+def test_optional_clients_are_imported_lazily():
+    """`import han_edge`, the runtime, the CLI and the serving modules load without tritonclient/pymilvus."""
+    import subprocess
+
+    code = ("import sys, han_edge, han_edge.runtime, han_edge.cli, han_edge.gallery, han_edge.formats, "
+            "han_edge.triton, han_edge.deepstream, han_edge.fold, han_edge.backends.triton, han_edge.milvus_index; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tritonclient', 'pymilvus', 'milvus_lite')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
