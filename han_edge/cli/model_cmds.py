@@ -84,7 +84,7 @@ def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch
     from han_edge.engine import BuildOptions, build_engine
 
     options = BuildOptions(opt_batch=min(opt_batch, max_batch), max_batch=max_batch, workspace_mib=workspace,
-                           timing_cache=cache)
+                           cache_dir=cache.parent)   # engine.py keeps one timing cache per TensorRT + GPU there
     try:
         with progress_bar() as bar:
             tasks = {}
