@@ -235,3 +235,43 @@ def test_cli_embed_into_milvus_and_match(fresh_onnx, tmp_path):
     assert result.exit_code == 2 and "needs a location" in result.output
     result = runner.invoke(app, ["embed", "--model", str(model), "--images", str(folder), "--gallery", "x.npz"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gallery_front_on_milvus_equals_exact(metric, tmp_path):
+    """Gallery(index="milvus") behaves as Gallery(index="exact"): search with exclusion, history, removal, reopen."""
+    from han_edge.gallery import Gallery
+
+    feats, ids, cams, times = _data(n=200, dim=24, ids=np.repeat(np.arange(40), 5))
+    queries = np.random.default_rng(9).standard_normal((6, 24)).astype(np.float32)
+    qcams = np.array([0, 1, 2, 3, -1, 5])
+    uri = tmp_path / "front.db"
+    milvus = Gallery(24, metric, index="milvus", uri=str(uri))
+    exact = Gallery(24, metric, index="exact")
+    try:
+        for gallery in (milvus, exact):
+            gallery.add(ids, feats, cams, times)
+        for exclude in (False, True):
+            got = milvus.search(queries, 8, qcams, exclude_same_camera=exclude)
+            want = exact.search(queries, 8, qcams, exclude_same_camera=exclude)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_allclose(got[1], want[1], atol=1e-5)
+        assert milvus.keep_recent(3) == exact.keep_recent(3) == 80
+        assert milvus.remove_older_than(times[100]) == exact.remove_older_than(times[100])
+        assert milvus.remove([7, 8]) == exact.remove([7, 8])
+        assert len(milvus) == len(exact)
+        a, b = milvus.entries(), exact.entries()
+        order = np.argsort(a.times)
+        np.testing.assert_array_equal(a.ids[order], b.ids[np.argsort(b.times)])
+    finally:
+        milvus.backend.close()
+    reopened = Gallery(24, metric, index="milvus", uri=str(uri))
+    try:
+        assert len(reopened) == len(exact)
+        got = reopened.search(queries, 4)
+        want = exact.search(queries, 4)
+        np.testing.assert_array_equal(got[0], want[0])
+        with pytest.raises(HanEdgeError):
+            Gallery(48, metric, index="milvus", uri=str(uri))
+    finally:
+        reopened.backend.close()
