@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from han_edge.fileio import atomic_write_bytes
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -35,23 +37,65 @@ def main() -> None:
                 f"Peak resident memory {rank['peak_rss_gib']:.1f} GiB.", ""]
     export = load("export")
     if export:
-        out += [f"## Export time ({export['machine']}, {export['date']})", "",
-                table(["variant", "step", "seconds"],
-                      [[r["variant"], r["precision"], f"{r['value']:.1f}"] for r in export["rows"]
-                       if r["kind"] == "export_seconds"]), "",
-                "INT8 steps include calibration on 128 images and a check on 32 held-out images.", "",
-                f"## ONNX Runtime CPU latency, {export['ort_threads']} threads, median of interleaved runs", "",
-                table(["variant", "precision", "batch", "ms / batch", "images/s"],
-                      [[r["variant"], r["precision"], r["batch"], f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}"]
-                       for r in export["rows"] if r["kind"] == "ort_cpu"]), ""]
+        out += _export_sections(export)
     runtime = load("runtime")
     if runtime:
         out += [f"## `han-edge bench`, {runtime['backend']} ({runtime['machine']}, {runtime['date']})", "",
                 "p50 latency per stage (ms) and end-to-end images/s; exact gallery search.", "",
                 table(["variant", "precision", "gallery", "batch", "preprocess", "inference", "matching",
                        "end to end", "e2e images/s"], _runtime_rows(runtime["rows"])), ""]
-    (Path(__file__).parent / "RESULTS.md").write_text("\n".join(out))
+    atomic_write_bytes(Path(__file__).parent / "RESULTS.md", ("\n".join(out) + "\n").encode(), "RESULTS.md")
     print("wrote bench/RESULTS.md")
+
+
+def _export_sections(export: dict) -> list[str]:
+    rows = export["rows"]
+    flags = export.get("cpu_flags", "")
+    out = [f"## Export time ({export['machine']}, {export['date']})", "",
+           table(["variant", "step", "seconds"],
+                 [[r["variant"], r["precision"], f"{r['value']:.1f}"] for r in rows if r["kind"] == "export_seconds"]), "",
+           "INT8 steps include calibration and the accuracy checks (and, with a trained checkpoint, the "
+           "sensitivity analyses).", "",
+           f"## ONNX Runtime CPU latency, {export['ort_threads']} threads, median of interleaved runs", "",
+           f"CPU flags: {flags or 'unknown'}. `fp32-old` is the FP32 graph before issue 11 (T-fold Expand before "
+           "grid_sample), exported in the same run.", "",
+           table(["variant", "precision", "batch", "ms / batch", "images/s"],
+                 [[r["variant"], r["precision"], r["batch"], f"{r['median_ms']:.1f}", f"{r['images_per_s']:.1f}"]
+                  for r in rows if r["kind"] == "ort_cpu"]), ""]
+    speed = {(r["variant"], r["precision"], r["batch"]): r["images_per_s"] for r in rows if r["kind"] == "ort_cpu"}
+    ratios = []
+    for (variant, precision, batch), ips in speed.items():
+        if precision == "fp32" and (variant, "fp32-old", batch) in speed:
+            ratios.append([variant, batch, f"{ips / speed[(variant, 'fp32-old', batch)]:.2f}",
+                           *(f"{speed[(variant, p, batch)] / ips:.2f}" for p in ("int8-cpu", "int8", "fp16"))])
+    out += ["Speed-ups (images/s ratios, same run):", "",
+            table(["variant", "batch", "FP32 new / old", "INT8 CPU / FP32", "INT8 TensorRT flavour / FP32",
+                   "FP16 / FP32"], ratios), ""]
+    profiles = [r for r in rows if r["kind"] == "profile"]
+    if profiles:
+        out += ["## ONNX Runtime profiler, HAN-S batch 32: share of kernel time per op type", "",
+                table(["model", "kernel ms / run", "top op types (% of kernel time)"],
+                      [[r["precision"], f"{r['total_ms']:.1f}",
+                        ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("variant", "kind", "precision",
+                                                                                   "total_ms"))]
+                       for r in profiles]), ""]
+    accuracy = [r for r in rows if r["kind"] == "accuracy"]
+    if accuracy:
+        out += [f"## INT8 accuracy against FP32 (checkpoint `{export.get('checkpoint')}`)", "",
+                "Held-out crops (256 synthetic query/gallery images) and the synthetic test set (181 queries x "
+                "393 gallery), through the runtime (ONNX Runtime CPU, default options).", "",
+                table(["flavour", "centred cosine", "NN agreement", "rank-1 FP32 -> INT8", "mAP FP32 -> INT8",
+                       "not INT8", "kept FP32"],
+                      [[r["precision"], f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
+                        f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
+                        f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}",
+                        ", ".join(r["excluded_groups"]) or "none", len(r["fp32_nodes"]) or "none"] for r in accuracy]), ""]
+        trt = [r for r in accuracy if "centred_cosine_file" in r]
+        if trt:
+            out += [f"TensorRT flavour without ONNX Runtime's FP16 bias rewrite (`WeightBiasQuantization`, which "
+                    f"TensorRT does not do): centred cosine {trt[0]['centred_cosine_file']:.4f}, NN agreement "
+                    f"{trt[0]['neighbour_agreement_file']:.3f}.", ""]
+    return out
 
 
 def _runtime_rows(rows: list[dict]) -> list[list]:

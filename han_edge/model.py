@@ -15,7 +15,8 @@ Choices where the paper is silent or ambiguous (each checked against Table 1, se
   keeps them in [-1, 1]; the region scale is fixed at full width x quarter height (horizontal
   stripes, initialised at the four body quarters). The crop is a fixed base grid scaled and
   shifted by the translations, sampled with ``F.grid_sample`` — no ``affine_grid``, which
-  TensorRT's ONNX parser lacks.
+  TensorRT's ONNX parser lacks. The T region grids are stacked along the grid's height, so one
+  ``grid_sample`` per level reads the feature map once (no T-fold copy of the map).
 * **Local branch** (as in the authors' HA-CNN): the level-l crop is taken from the input of
   global block l (the stem output for l=1, the attended output of block l-1 after), resampled to
   24x28, 12x14 and 6x7; one unit per level with stride 2, weights shared by the T streams (run

@@ -5,10 +5,9 @@ weights, biases in float) places the Q/DQ nodes; the flavours differ in where:
 
 * ``tensorrt``: symmetric S8 activations (zero point 0), Q/DQ on the *inputs* of Conv/Gemm only
   (activations and weights), Conv/Gemm outputs left unquantised — NVIDIA's explicit-quantization
-  placement rules: quantise all inputs of weighted layers and let TensorRT fuse each DQ into the
-  Conv/Gemm and the following pointwise ops (bias, ReLU, the residual-style Add of the
-  cross-attention, the attention Mul) into it, re-quantising only where the next Q sits; no float
-  Concat carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19.
+  placement rules: quantise all inputs of weighted layers, leave their outputs alone, and let
+  TensorRT fuse each DQ into its Conv/Gemm together with the bias and ReLU after it; no float Concat
+  carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19.
 * ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid
   and Mul between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
   ``QLinearConv`` (integer in, integer out, ReLU folded into the output range) and the attention
