@@ -139,6 +139,12 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
                 rows["kept in float"] = ", ".join(map(str, json.loads(meta["han_edge.int8_excluded"]))) or "none"
             except (ValueError, TypeError):
                 rows["kept in float"] = "unreadable"
+        if meta.get("han_edge.float_precision") == "fp16":
+            rows["float part"] = f"FP16, FP32 nodes: {len(json.loads(meta.get('han_edge.fp32_nodes', '[]')))}"
+        if precision == "int8-cpu":
+            from han_edge.exporter import ort_optimized_op_counts
+            fused = ort_optimized_op_counts(path)
+            rows["ORT CPU kernels"] = f"QLinearConv {fused.get('QLinearConv', 0)} of {counts.get('Conv', 0)} Conv"
     rows = {"variant": config.variant, "input": f"3x{config.input_size[0]}x{config.input_size[1]}",
             "feature": f"{config.feature_dim}-D", "mean/std": f"{config.mean} / {config.std}", **rows,
             "size": f"{path.stat().st_size / 2**20:.2f} MiB"}
