@@ -338,7 +338,11 @@ def test_entry_point_in_a_subprocess(tmp_path, args, code, match):
 
     if code == 3 and importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here: the build would run")
-    (tmp_path / "m.onnx").write_bytes(b"x")
+    import onnx
+
+    from tests.test_hostile_inputs import tiny_graph
+
+    onnx.save(tiny_graph(), str(tmp_path / "m.onnx"))          # an honest model: what is missing is TensorRT
     proc = subprocess.run([sys.executable, "-m", "han_edge.cli", *[a.replace("{tmp}", str(tmp_path)) for a in args]],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})

@@ -97,8 +97,7 @@ def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch
     except MissingDependencyError as err:
         from han_edge.cli.common import fail
 
-        fail(f"{err}; the ONNX file {onnx_path} is complete (with `export`, pass --no-engine to skip this step)", 3,
-             "engine not built")
+        fail(f"{err} (the ONNX files are complete; `export --no-engine` skips this step)", 3, "engine not built")
     console.print(f"wrote {engine_path} (+ {engine_path.name}.json)")
 
 
