@@ -15,12 +15,12 @@ _PID_CAM = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def _read_boxes(path: Path | None) -> dict | None:
-    """The boxes file checked against its schema (``validate.boxes_file``): key -> [[x1, y1, x2, y2], ...] floats."""
+    """The boxes file checked against its schema (``validate.boxes_file``): key -> float64 (N, 4)."""
     if path is None:
         return None
     from han_edge.validate import boxes_file
 
-    return {key: value.tolist() for key, value in boxes_file(path).items()}
+    return boxes_file(path)
 
 
 def _pid_cam(name: str) -> tuple[int, int]:
@@ -30,27 +30,32 @@ def _pid_cam(name: str) -> tuple[int, int]:
 
 
 def embed_sources(model_path, images: Path | None, video: Path | None, boxes_path: Path | None,
-                  progress=None) -> tuple[Gallery, int]:
-    """A gallery of features from an image folder (whole images or boxes) or a video with boxes."""
-    from han_edge.preprocess import load_image
+                  progress=None, gallery: Gallery | None = None, frames_per_batch: int = 16) -> tuple[Gallery, int]:
+    """A gallery of features from an image folder (whole images or boxes) or a video with boxes.
+
+    Crops of several images / frames share inference batches (``Embedder.embed_frames``); features go
+    into the gallery on the embedder's device (or into ``gallery``, e.g. a Milvus one).
+    """
+    from han_edge.validate import frame_keys, missing_frames, unmatched_keys
 
     embedder = Embedder(model_path)
     boxes = _read_boxes(boxes_path)
-    gallery = Gallery(embedder.config.feature_dim)
+    if gallery is None:
+        gallery = Gallery(embedder.config.feature_dim, device=embedder.placement)
+    elif gallery.dim != embedder.config.feature_dim:
+        raise HanEdgeError(f"the gallery holds {gallery.dim}-D features but {model_path} gives "
+                           f"{embedder.config.feature_dim}-D ones")
     if images is not None:
         if not images.is_dir():
             raise HanEdgeError(f"image folder {images} not found")
         files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise HanEdgeError(f"no images in {images}")
-        for path in files:
-            pid, cam = _pid_cam(path.name)
-            frame = load_image(path)
-            frame_boxes = boxes.get(path.name, []) if boxes is not None else [[0, 0, frame.shape[1], frame.shape[0]]]
-            feats = embedder.embed_frame(frame, frame_boxes)
-            gallery.add(np.full(len(feats), pid), feats, np.full(len(feats), cam))
-            if progress:
-                progress(len(feats))
+        if boxes is not None:
+            unmatched_keys(boxes, [p.name for p in files], str(boxes_path), f"the images in {images}")
+            files = [p for p in files if p.name in boxes]
+        for start in range(0, len(files), frames_per_batch):
+            _embed_images(embedder, gallery, files[start:start + frames_per_batch], boxes, progress)
     else:
         import cv2
 
@@ -58,20 +63,50 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
             raise HanEdgeError("--video needs --boxes (frame index -> boxes)")
         if not video.is_file():
             raise HanEdgeError(f"video {video} not found")
+        by_frame = frame_keys(boxes, str(boxes_path))
         capture = cv2.VideoCapture(str(video))
         if not capture.isOpened():
             raise HanEdgeError(f"cannot open video {video}")
-        index = 0
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            frame_boxes = boxes.get(str(index), [])
-            if frame_boxes:
-                feats = embedder.embed_frame(frame, frame_boxes)
-                gallery.add(np.full(len(feats), index), feats, np.full(len(feats), -1))
-                if progress:
-                    progress(len(feats))
-            index += 1
-        capture.release()
+        index, pending = 0, []
+        try:
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                if index in by_frame and len(by_frame[index]):
+                    pending.append((index, frame, by_frame[index]))
+                if len(pending) == frames_per_batch:
+                    _embed_frames(embedder, gallery, pending, progress)
+                    pending = []
+                index += 1
+            if pending:
+                _embed_frames(embedder, gallery, pending, progress)
+        finally:
+            capture.release()
+        missing_frames(by_frame, index, str(boxes_path), f"video {video}")
     return gallery, len(gallery)
+
+
+def _embed_images(embedder: Embedder, gallery: Gallery, files: list[Path], boxes: dict | None, progress) -> None:
+    from han_edge.preprocess import load_image
+
+    pid_cam = np.array([_pid_cam(p.name) for p in files], np.int64).reshape(-1, 2)
+    if boxes is None:                        # each image is one crop
+        feats = embedder.embed_crops([load_image(p) for p in files], on_device=True)
+        pids, cams = pid_cam[:, 0], pid_cam[:, 1]
+    else:
+        frames = [load_image(p) for p in files]
+        feats, which = embedder.embed_frames(frames, [boxes[p.name] for p in files], on_device=True)
+        pids, cams = pid_cam[which, 0], pid_cam[which, 1]
+    gallery.add(pids, feats, cams)
+    if progress:
+        progress(len(pids))
+
+
+def _embed_frames(embedder: Embedder, gallery: Gallery, pending: list, progress) -> None:
+    """Frames of a video: the identity column holds the frame index (no identities are known yet)."""
+    indices = np.array([i for i, _, _ in pending], np.int64)
+    feats, which = embedder.embed_frames([f for _, f, _ in pending], [b for _, _, b in pending], on_device=True)
+    gallery.add(indices[which], feats, np.full(len(which), -1))
+    if progress:
+        progress(len(which))

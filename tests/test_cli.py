@@ -18,7 +18,7 @@ def test_embed_images_then_match(tmp_path, fresh_onnx, synthetic_root):
                                  "--out", str(tmp_path / "q.npz")])
     assert result.exit_code == 0, result.output
     queries = Gallery.load(tmp_path / "q.npz", dim=1024)
-    _, ids, cams = queries._snapshot()
+    ids, cams = queries.entries().ids, queries.entries().cams
     assert len(queries) == len(list((synthetic_root / "query").glob("*.jpg")))
     assert (ids > 0).all() and (cams >= 0).all()                     # parsed from Market-style names
     result = runner.invoke(app, ["match", "--gallery", str(tmp_path / "q.npz"), "--query", str(tmp_path / "q.npz"),
@@ -50,7 +50,7 @@ def test_embed_frames_with_boxes_and_video(tmp_path, fresh_onnx):
     result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--video", str(video),
                                  "--boxes", str(tmp_path / "vboxes.json"), "--out", str(tmp_path / "v.npz")])
     assert result.exit_code == 0, result.output
-    _, ids, _ = Gallery.load(tmp_path / "v.npz")._snapshot()
+    ids = Gallery.load(tmp_path / "v.npz").entries().ids
     assert ids.tolist() == [0, 2, 2]                                   # frame index as id
     result = runner.invoke(app, ["embed", "--engine", str(onnx_path), "--video", str(video),
                                  "--out", str(tmp_path / "x.npz")])
