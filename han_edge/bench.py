@@ -1,4 +1,10 @@
-"""Runtime benchmark: per batch size, latency percentiles of each stage and end to end."""
+"""Runtime benchmark: per batch size, latency percentiles of each stage and end to end, on whichever backend runs.
+
+Stages: ``preprocess`` (frame upload + every box cropped/resized/normalised), ``inference`` (network
+input already on the device -> features on the device), ``matching`` (the batch's features against
+the gallery, top-5 ids back on the host) and ``end_to_end``; plus ``search_<Q>q``: Q queries against
+the whole gallery. Device work is synchronised before each clock read.
+"""
 from __future__ import annotations
 
 import platform
@@ -10,14 +16,15 @@ from han_edge.gallery import Gallery
 from han_edge.runtime import Embedder
 
 
-def synthetic_frame(batch: int, seed: int = 0, height: int = 720, width: int = 1280):
-    """A 720p frame with ``batch`` person-sized boxes (crops of varied size, as from a detector)."""
+def synthetic_frame(batch: int, seed: int = 0, height: int = 1080, width: int = 1920):
+    """A frame with ``batch`` person-sized boxes (crops of varied size, as from a detector)."""
     rng = np.random.default_rng(seed)
     frame = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    h = rng.integers(120, 400, batch)
-    w = (h * rng.uniform(0.35, 0.5, batch)).astype(int)
-    x1 = rng.integers(0, width - w)
-    y1 = rng.integers(0, height - h)
+    h = rng.integers(min(120, height // 2), max(min(400, height), 121), batch)
+    h = np.minimum(h, height)
+    w = np.maximum((h * rng.uniform(0.35, 0.5, batch)).astype(int), 1)
+    x1 = rng.integers(0, width - w + 1)
+    y1 = rng.integers(0, height - h + 1)
     return frame, np.stack([x1, y1, x1 + w, y1 + h], 1).astype(np.float32)
 
 
@@ -29,26 +36,44 @@ def percentiles(samples_s: list[float], batch: int, stage: str) -> dict:
 
 
 def machine_description() -> str:
+    """CPU model, cores and the SIMD flags that decide INT8/FP32 speed (numbers differ 2x between CPUs)."""
+    import os
+
     try:
-        import os
-        cores = os.cpu_count()
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "")
+        text = open("/proc/cpuinfo").read()
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "")
+        flags = [f for f in ("avx512_vnni", "avx512f", "avx2") if f" {f}" in text]
     except OSError:
-        cores, model = "?", ""
-    return f"{platform.machine()} {model} ({cores} cores), Python {platform.python_version()}"
+        model, flags = "", []
+    return (f"{platform.machine()} {model} ({os.cpu_count()} cores, {' '.join(flags) or 'no AVX2'}), "
+            f"Python {platform.python_version()}")
 
 
-def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, threads: int = 0,
-              warmup: int = 3, progress=None) -> dict:
-    options = {"threads": threads} if str(model_path).endswith(".onnx") and threads else {}
+def fill_gallery(gallery: Gallery, size: int, dim: int, chunk: int = 65536, seed: int = 1) -> None:
+    """``size`` random unit vectors, added a chunk at a time (host memory stays at one chunk)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, size, chunk):
+        n = min(chunk, size - start)
+        entries = rng.standard_normal((n, dim), dtype=np.float32)
+        gallery.add(np.arange(start, start + n), entries / np.linalg.norm(entries, axis=1, keepdims=True))
+
+
+def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, threads: int = 0, warmup: int = 3,
+              progress=None, queries: int = 64, **backend_options) -> dict:
+    from han_edge.cuda import synchronize
+    from han_edge.formats import format_of
+
+    fmt = format_of(model_path)
+    options = dict(backend_options)
+    if threads and "threads" in fmt.options:
+        options["threads"] = threads
+    if "max_batch" in fmt.options:
+        options.setdefault("max_batch", max(batches))
     embedder = Embedder(model_path, **options)
     xp = embedder.xp
-    sync = (lambda: xp.cuda.get_current_stream().synchronize()) if xp is not np else (lambda: None)
-    gallery = Gallery(embedder.config.feature_dim, device=embedder.device if xp is not np else "cpu",
-                      capacity=gallery_size)
-    rng = np.random.default_rng(1)
-    entries = rng.normal(size=(gallery_size, embedder.config.feature_dim)).astype(np.float32)
-    gallery.add(np.arange(gallery_size), entries / np.linalg.norm(entries, axis=1, keepdims=True))
+    sync = (lambda: None) if embedder.on_host else (lambda: synchronize(xp))
+    gallery = Gallery(embedder.config.feature_dim, device=embedder.placement, capacity=gallery_size)
+    fill_gallery(gallery, gallery_size, embedder.config.feature_dim)
     rows = []
     for batch in batches:
         frame, boxes = synthetic_frame(batch)
@@ -62,7 +87,6 @@ def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, thr
             sync()
             t2 = time.perf_counter()
             gallery.search(feats, k=5)
-            sync()
             t3 = time.perf_counter()
             if i >= warmup:
                 for stage, dt in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
@@ -70,8 +94,16 @@ def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, thr
         rows += [percentiles(samples, batch, stage) for stage, samples in timings.items()]
         if progress:
             progress()
+    query = embedder.embed_frame(*synthetic_frame(queries, seed=2), on_device=True)
+    samples = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        gallery.search(query, k=5)
+        if i >= warmup:
+            samples.append(time.perf_counter() - t0)
+    rows.append(percentiles(samples, queries, f"search_{queries}q"))
     device = "cpu: " + machine_description()
-    if xp is not np:
+    if embedder.device == "cuda":
         from han_edge.cuda import device_description
         device = "cuda: " + device_description()["gpu"]
     return {"model": str(model_path), "backend": embedder.name, "precision": embedder.precision,

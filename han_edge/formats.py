@@ -34,7 +34,7 @@ class ModelFormat:
 
 
 FORMATS: tuple[ModelFormat, ...] = (
-    ModelFormat("pytorch", (".pt", ".pth"), "han_edge.backends.torch:TorchBackend", ("device", "max_batch"),
+    ModelFormat("pytorch", (".pt", ".pth"), "han_edge.backends.torch:TorchBackend", ("device", "max_batch", "precision"),
                 "training checkpoint run by PyTorch (CPU or CUDA)"),
     ModelFormat("onnx", (".onnx",), "han_edge.backends.onnxruntime:OnnxRuntimeBackend",
                 ("threads", "providers", "max_batch"),

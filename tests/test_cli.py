@@ -65,7 +65,8 @@ def test_bench_on_onnx(tmp_path, fresh_onnx):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["backend"].startswith("onnxruntime") and report["device"].startswith("cpu")
     stages = {(r["batch"], r["stage"]) for r in report["rows"]}
-    assert stages == {(b, s) for b in (1, 4) for s in ("preprocess", "inference", "matching", "end_to_end")}
+    assert stages == {(b, s) for b in (1, 4) for s in ("preprocess", "inference", "matching", "end_to_end")} | \
+        {(64, "search_64q")}
     for row in report["rows"]:
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["images_per_s"] > 0
 
