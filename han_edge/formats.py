@@ -53,13 +53,13 @@ def format_of(source) -> ModelFormat:
         if fmt.is_uri and any(text.startswith(s) for s in fmt.suffixes):
             return fmt
     path = Path(text)
+    if path.is_dir():
+        raise HanEdgeError(f"model {path} is a directory, not a model file")
     suffix = path.suffix.lower()
     fmt = next((f for f in FORMATS if not f.is_uri and suffix in f.suffixes), None)
     if fmt is None:
         known = ", ".join(f"{'/'.join(f.suffixes)} ({f.name})" for f in FORMATS)
         raise HanEdgeError(f"cannot tell the format of {path.name or text}: use {known}")
-    if path.is_dir():
-        raise HanEdgeError(f"model {path} is a directory, not a model file")
     if not path.is_file():
         raise HanEdgeError(f"model file {path} not found")
     return fmt

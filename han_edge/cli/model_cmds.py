@@ -60,10 +60,11 @@ def export(
     if int8 and target == "cpu":
         console.print("the CPU-flavour INT8 model is for ONNX Runtime; no TensorRT engine is built from it")
         return
-    key = "int8" if int8 else ("fp16" if fp16 else None)
-    source = Path(result[key]["path"]) if key else Path(result["fp32"])
-    suffix = {"int8": ".int8.plan", "fp16": ".fp16.plan"}.get(key, ".plan")
-    compile_engine(source, engines / f"han_{variant}{suffix}", opt_batch, max_batch, workspace, engines / "timing.cache")
+    from han_edge.formats import engine_name
+
+    precision = "int8" if int8 else ("fp16" if fp16 else "fp32")
+    source = Path(result[precision]["path"]) if precision != "fp32" else Path(result["fp32"])
+    compile_engine(source, engines / engine_name(variant, precision), opt_batch, max_batch, workspace, engines)
 
 
 @app.command("build")
@@ -76,15 +77,19 @@ def build_command(
 ):
     """Compile an exported ONNX into a TensorRT engine on this machine (e.g. on the Jetson: no PyTorch needed)."""
     opt_batch = check_batches(opt_batch, max_batch)
-    engine = engine or Path("engines") / (onnx_path.name.removesuffix(".onnx") + ".plan")
-    compile_engine(onnx_path, engine, opt_batch, max_batch, workspace, engine.parent / "timing.cache")
+    from han_edge.formats import engine_name_for
+
+    engine = engine or Path("engines") / engine_name_for(onnx_path)
+    compile_engine(onnx_path, engine, opt_batch, max_batch, workspace, engine.parent)
 
 
-def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch: int, workspace: int, cache: Path) -> None:
+def compile_engine(onnx_path: Path, engine_path: Path, opt_batch: int, max_batch: int, workspace: int,
+                   cache_dir: Path) -> None:
     from han_edge.engine import BuildOptions, build_engine
 
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
     options = BuildOptions(opt_batch=min(opt_batch, max_batch), max_batch=max_batch, workspace_mib=workspace,
-                           cache_dir=cache.parent)   # engine.py keeps one timing cache per TensorRT + GPU there
+                           cache_dir=cache_dir)   # one timing cache per TensorRT version + GPU there
     try:
         with progress_bar() as bar:
             tasks = {}
@@ -106,12 +111,13 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
     """What a model file is: variant, precision, input size, batch range, op counts, size on disk."""
     from han_edge.config import config_from_metadata
 
-    if path.is_dir():
-        raise HanEdgeError(f"{path} is a directory, not a model file")
-    if not path.is_file():
-        raise HanEdgeError(f"{path} not found")
+    from han_edge.formats import format_of
+
+    fmt = format_of(path)          # "is a directory", "not found", unknown suffix: one sentence each
+    if fmt.name not in ("onnx", "tensorrt"):
+        raise HanEdgeError(f"inspect reads .onnx and .plan/.engine files; {path.name} is a {fmt.name} file")
     table = Table(title=str(path), show_header=False)
-    if path.suffix in (".plan", ".engine"):
+    if fmt.name == "tensorrt":
         from han_edge.engine import read_engine_metadata
 
         side = _not_han(path, read_engine_metadata, path)
