@@ -61,9 +61,14 @@ class Embedder:
         return out if on_device or self.on_host else to_numpy(out)
 
     # -- stages ----------------------------------------------------------------------------------------
-    def upload(self, frame):
+    def upload(self, frame, what: str = "frame"):
         """The frame as a uint8 array on the backend's device (a no-op for frames already there)."""
-        check_frame(frame)
+        if isinstance(frame, np.ndarray) or frame is None:
+            from han_edge.validate import image
+
+            image(frame, what)
+        else:
+            check_frame(frame)
         return frame if self.on_host else ensure_on(self.xp, frame, self.array_device)
 
     def preprocess_frame(self, frame, boxes):
@@ -117,8 +122,8 @@ class Embedder:
             raise HanEdgeError(f"{len(frames)} frames but {len(boxes_per_frame)} box lists")
         work = []                                            # (frame on device, clipped host boxes, index)
         for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
-            frame = self.upload(frame)
-            clipped = clip_boxes(boxes, frame.shape[:2]) if len(boxes) else np.zeros((0, 4), np.int64)
+            frame = self.upload(frame, f"frame {i}")
+            clipped = clip_boxes(boxes, frame.shape[:2])
             if len(clipped):
                 work.append((frame, clipped, i))
         index = np.concatenate([np.full(len(c), i, np.int64) for _, c, i in work]) if work else np.zeros(0, np.int64)
@@ -146,15 +151,15 @@ class Embedder:
         Each crop is resized on the host (OpenCV), the stack uploaded once per chunk and normalised
         on the device.
         """
+        from han_edge.validate import image
+
         if not isinstance(crops, (list, tuple)):
             raise HanEdgeError(f"crops must be a list of H x W x 3 uint8 images, got {type(crops).__name__}")
         parts = []
         for start in range(0, len(crops), self.max_batch):
             chunk = list(crops[start:start + self.max_batch])
             for j, crop in enumerate(chunk):
-                if not isinstance(crop, np.ndarray):
-                    raise HanEdgeError(f"crop {start + j} is {type(crop).__name__}, not an image array "
-                                       "(a failed cv2.imread returns None)")
+                image(crop, f"crop {start + j}")
             resized = ensure_on(self.xp, resize_crops(chunk, self.config.input_size), self.array_device)
             parts.append(self._infer(normalize(self.xp, resized, self.norm)))
         return self._out(parts, on_device)
