@@ -5,7 +5,7 @@ The runtime API (``Embedder``, ``Gallery``) imports without PyTorch, as on a Jet
 from han_edge.config import HANConfig, get_config, VARIANTS
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
-__version__ = "0.1.0"
+from han_edge._version import __version__
 
 __all__ = ["HANConfig", "get_config", "VARIANTS", "HanEdgeError", "MissingDependencyError",
            "Embedder", "Gallery", "__version__"]

@@ -147,7 +147,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
 
 def model_metadata(config: HANConfig, precision: str, **extra) -> dict[str, str]:
     """String key/values stored in ONNX ``metadata_props`` and in an engine's side file."""
-    from han_edge import __version__
+    from han_edge._version import __version__
 
     if precision not in PRECISIONS:
         raise HanEdgeError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
