@@ -209,7 +209,7 @@ def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> l
         try:
             from han_edge.engine import BuildOptions, build_engine
             models["TensorRT INT8"] = build_engine(exported["int8"]["path"], workdir / "han_small.int8.plan",
-                                                   BuildOptions(timing_cache=workdir / "timing.cache"))
+                                                   BuildOptions(cache_dir=workdir))
         except HanEdgeError as err:
             console.print(f"TensorRT engine skipped: {err}")
     console.print("[bold]4/4[/] gallery search through the runtime, per precision")

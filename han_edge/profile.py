@@ -48,13 +48,18 @@ def measure_throughput(model_path, batch: int = 32, iters: int = 10, warmup: int
 
     from han_edge.runtime import Embedder
 
+    from han_edge.arrays import from_numpy
+    from han_edge.cuda import synchronize
+
     embedder = Embedder(model_path)
     x = np.random.default_rng(0).normal(size=(batch, 3, *embedder.config.input_size)).astype(np.float32)
-    x = embedder.xp.asarray(x)
+    x = from_numpy(embedder.xp, x, embedder.array_device)          # on the backend's device, as in production
     times = []
     for i in range(warmup + iters):
         start = time.perf_counter()
-        out = embedder.embed_batch(x)
+        out = embedder.embed_batch(x, on_device=True)
+        if not embedder.on_host:
+            synchronize(embedder.xp)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     median = float(np.median(times))
