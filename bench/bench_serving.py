@@ -71,7 +71,7 @@ def recall(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got, want)]))
 
 
-def gallery_rows(tmp: Path) -> list[dict]:
+def gallery_rows(tmp: Path, progress=None) -> list[dict]:
     from han_edge.indexes import ExactIndex
     from han_edge.milvus_index import MilvusIndex
 
@@ -106,13 +106,17 @@ def gallery_rows(tmp: Path) -> list[dict]:
             got, _ = index.search(queries, K)
             row = {"index": f"Milvus Lite {kind.upper()}", "entries": n, "insert_per_s": n / insert_s,
                    "index_ready_s": ready_s,
-                   "search_1": timings(lambda: index.search(queries[:1], K), 30 if n <= 10_000 else 15),
-                   "search_32": timings(lambda: index.search(queries[:32], K), 10 if n <= 10_000 else 5),
+                   "search_1": timings(lambda: index.search(queries[:1], K), 30 if n <= 10_000 else 10,
+                                       warmup=2 if n <= 10_000 else 1),
+                   "search_32": timings(lambda: index.search(queries[:32], K), 10 if n <= 10_000 else 3,
+                                        warmup=2 if n <= 10_000 else 1),
                    "recall_at_5": recall(got, truth)}
             index.close()
             shutil.rmtree(path, ignore_errors=True)
             rows.append(row)
             print(row, flush=True)
+            if progress:
+                progress(rows)
     return rows
 
 
@@ -195,11 +199,15 @@ def main() -> None:
     import milvus_lite
     import pymilvus
 
+    versions = {"pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         triton = triton_rows(Path(tmp))
-        gallery = gallery_rows(Path(tmp))
-    versions = {"pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__}
-    path = write_result("serving", [], gallery=gallery, triton=triton, cpu_flags=cpu_flags(), versions=versions)
+
+        def save(gallery):           # after every row: a run cut short still leaves its numbers
+            return write_result("serving", [], gallery=gallery, triton=triton, cpu_flags=cpu_flags(),
+                                versions=versions)
+        gallery = gallery_rows(Path(tmp), save)
+    path = save(gallery)
     import json
 
     update_results_md(markdown(json.loads(path.read_text())))
