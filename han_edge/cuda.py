@@ -120,5 +120,29 @@ def synchronize(xp) -> None:
 
 
 def empty(xp, shape, dtype, device):
-    """An uninitialised device buffer (the backends' output buffers)."""
+    """An uninitialised device buffer (the backends' output buffers).
+
+    array-api-compat's CuPy creation functions accept ``device=`` but ignore it (they allocate on
+    the current device: ``array_api_compat.common._helpers._check_device``), so for CuPy the buffer
+    is made under the device's context instead.
+    """
+    from array_api_compat import is_cupy_namespace
+
+    if is_cupy_namespace(xp) and device is not None:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            return xp.empty(shape, dtype=dtype)
     return xp.empty(shape, dtype=dtype, device=device)
+
+
+def device_index(device) -> int:
+    """The CUDA ordinal of a CuPy ``Device`` (``.id``) or a torch ``device`` (``.index``; None means the current one)."""
+    index = getattr(device, "id", None)
+    if index is None:
+        index = getattr(device, "index", None)
+    if index is None:
+        import torch
+
+        index = torch.cuda.current_device()
+    return int(index)
