@@ -54,12 +54,12 @@ class OnnxRuntimeBackend(Backend):
 
     def _infer_device(self, batch):
         """CUDA provider on device memory: the input and output stay on the GPU (no host round trip)."""
-        from han_edge.cuda import contiguous, data_ptr, empty, synchronize
+        from han_edge.cuda import contiguous, data_ptr, device_index, empty, synchronize
 
         xp = self.xp
         batch = contiguous(xp, batch, xp.float32)
         out = empty(xp, (batch.shape[0], self.config.feature_dim), xp.float32, self.device)
-        device_id = int(getattr(self.device, "id", None) or getattr(self.device, "index", None) or 0)
+        device_id = device_index(self.device)   # CuPy Device.id / torch device.index (0 is falsy: no `or` chains)
         binding = self._binding
         binding.bind_input(self.input_name, "cuda", device_id, np.float32, tuple(batch.shape), data_ptr(batch))
         binding.bind_output(self.output_name, "cuda", device_id, np.float32, tuple(out.shape), data_ptr(out))
