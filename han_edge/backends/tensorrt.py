@@ -59,8 +59,12 @@ class TensorRTBackend(Backend):
         """I/O dtypes and shapes from the engine, checked against the metadata (FP32 I/O, (N,3,H,W) -> (N,D))."""
         import numpy as np
 
-        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
-        self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        dtypes = [self.engine.get_tensor_dtype(name) for name in (self.input_name, self.output_name)]
+        try:     # trt.nptype raises TypeError for types NumPy lacks (BF16, FP8, INT4): samples/python/common_runtime.py
+            self.input_dtype, self.output_dtype = (np.dtype(trt.nptype(t)) for t in dtypes)
+        except TypeError:
+            raise HanEdgeError(f"engine {path} has {dtypes[0]} input / {dtypes[1]} output; han-edge engines have "
+                               "float32 or float16 I/O (re-export the ONNX with float I/O)") from None
         in_shape = tuple(self.engine.get_tensor_shape(self.input_name))
         out_shape = tuple(self.engine.get_tensor_shape(self.output_name))
         h, w = self.config.input_size
