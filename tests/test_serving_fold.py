@@ -145,7 +145,7 @@ def test_embedder_feeds_each_form_correctly(fresh_onnx, tmp_path):
     np.testing.assert_allclose(fold, plain, atol=2e-5)
 
 
-def test_cli_fold_and_export_flag(fresh_onnx, tmp_path):
+def test_cli_fold(fresh_onnx, tmp_path):
     from typer.testing import CliRunner
 
     from han_edge.cli import app
@@ -160,7 +160,15 @@ def test_cli_fold_and_export_flag(fresh_onnx, tmp_path):
     assert result.exit_code == 2 and "already folded" in result.output
     assert not (tmp_path / "g.onnx").exists()
 
-    result = runner.invoke(app, ["export", "--no-engine", "--fold-normalization", "--out", str(tmp_path / "export"),
+
+@pytest.mark.slow
+def test_export_fold_normalization_flag(tmp_path):
+    """`export --fold-normalization` (a real export, about 20 s) writes the folded form in place."""
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--no-engine", "--fold-normalization", "--out", str(tmp_path / "export"),
                                  "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     written = tmp_path / "export" / "han_small.onnx"
