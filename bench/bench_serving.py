@@ -11,10 +11,12 @@
    is Python; a real Triton server's own scheduling is not measured).
 
 Writes ``bench/results/serving.json`` and replaces its own section of ``bench/RESULTS.md``.
-Run: ``python bench/bench_serving.py`` (about 10-20 minutes on 2 cores).
+Run: ``python bench/bench_serving.py`` (about 20-30 minutes on 2 cores); ``BENCH_SERVING_PARTS=triton`` (or
+``gallery``) re-measures one part and keeps the other's numbers from ``results/serving.json``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -200,16 +202,21 @@ def main() -> None:
     import pymilvus
 
     versions = {"pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__}
+    parts = os.environ.get("BENCH_SERVING_PARTS", "triton,gallery").split(",")
+    previous = json.loads((RESULTS / "serving.json").read_text()) if (RESULTS / "serving.json").is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        triton = triton_rows(Path(tmp))
+        triton = triton_rows(Path(tmp)) if "triton" in parts else previous.get("triton", [])
+        if "gallery" not in parts:             # re-measure one part, keep the other's numbers
+            path = write_result("serving", [], gallery=previous.get("gallery", []), triton=triton,
+                                cpu_flags=cpu_flags(), versions=versions)
+            update_results_md(markdown(json.loads(path.read_text())))
+            return
 
         def save(gallery):           # after every row: a run cut short still leaves its numbers
             return write_result("serving", [], gallery=gallery, triton=triton, cpu_flags=cpu_flags(),
                                 versions=versions)
         gallery = gallery_rows(Path(tmp), save)
     path = save(gallery)
-    import json
-
     update_results_md(markdown(json.loads(path.read_text())))
 
 
