@@ -93,7 +93,6 @@ class MilvusIndex(VectorIndex):
         self.uri = self._check_uri(uri)
         self._lock = threading.Lock()
         pymilvus = _pymilvus()
-        self._exception = pymilvus.MilvusException
         self.client = None
         self._lite_path = None if is_remote(self.uri) else str(Path(self.uri).resolve())
         _lite_acquire(self._lite_path)
