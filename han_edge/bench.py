@@ -71,7 +71,7 @@ def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, thr
         options.setdefault("max_batch", max(batches))
     embedder = Embedder(model_path, **options)
     xp = embedder.xp
-    sync = (lambda: None) if embedder.on_host else (lambda: synchronize(xp))
+    sync = (lambda: synchronize(xp)) if embedder.device == "cuda" else (lambda: None)
     gallery = Gallery(embedder.config.feature_dim, device=embedder.placement, capacity=gallery_size)
     fill_gallery(gallery, gallery_size, embedder.config.feature_dim)
     rows = []

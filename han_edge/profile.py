@@ -58,7 +58,7 @@ def measure_throughput(model_path, batch: int = 32, iters: int = 10, warmup: int
     for i in range(warmup + iters):
         start = time.perf_counter()
         out = embedder.embed_batch(x, on_device=True)
-        if not embedder.on_host:
+        if embedder.device == "cuda":
             synchronize(embedder.xp)
         if i >= warmup:
             times.append(time.perf_counter() - start)

@@ -106,3 +106,25 @@ def test_train_resume_of_another_variant_is_refused(tmp_path, trained_checkpoint
                                  "--epochs", "5", "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 2
     assert "holds HAN(small), not HAN(large)" in result.output and "Traceback" not in result.output
+
+
+def test_bench_precision_and_device_options(tmp_path, fresh_onnx):
+    import torch
+
+    from han_edge.checkpoint import save_checkpoint
+
+    model, onnx_path = fresh_onnx
+    result = runner.invoke(app, ["bench", "--model", str(onnx_path), "--precision", "fp16"])
+    assert result.exit_code == 2 and "apply to .pt checkpoints" in result.output
+    checkpoint = tmp_path / "fresh.pt"
+    save_checkpoint(checkpoint, model, model.config, epoch=0)
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["bench", "--model", str(checkpoint), "--precision", "fp16", "--device", "cpu"])
+        assert result.exit_code == 2 and "fp16 PyTorch inference is for CUDA" in result.output
+        result = runner.invoke(app, ["bench", "--model", str(checkpoint), "--device", "cuda"])
+        assert result.exit_code == 3 and "CUDA" in result.output
+    result = runner.invoke(app, ["bench", "--model", str(checkpoint), "--device", "cpu", "--batch", "2", "--iters", "1",
+                                 "--gallery-size", "10", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["backend"] == "pytorch/cpu" and report["precision"] == "fp32"

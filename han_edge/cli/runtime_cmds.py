@@ -89,15 +89,24 @@ def bench(
     iters: int = typer.Option(20, min=1, max=100_000, help="timed iterations per batch size (after warm-up)"),
     gallery_size: int = typer.Option(10000, min=1, max=MAX_GALLERY, help="gallery entries to match against"),
     threads: int = typer.Option(0, min=0, max=1024, help="ONNX Runtime intra-op threads (0: default)"),
+    precision: Literal["fp32", "fp16"] = typer.Option("fp32", help=".pt checkpoints: PyTorch precision (fp16 on CUDA)"),
+    device: Optional[Literal["cpu", "cuda"]] = typer.Option(None, help=".pt checkpoints: PyTorch device (default: cuda if present)"),
     as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Latency (p50/p90/p99) and images/s of pre-process, inference, matching and end to end."""
     from han_edge.bench import run_bench
+    from han_edge.formats import format_of
 
     sizes = list(batch)   # parsed and range-checked by batch_list
+    options = {}
+    if precision != "fp32" or device is not None:
+        if format_of(engine).name != "pytorch":
+            raise HanEdgeError("--precision and --device apply to .pt checkpoints; an exported file carries its own")
+        options = {"precision": precision, **({"device": device} if device else {})}
     with progress_bar() as bar:
         task = bar.add_task("bench", total=len(sizes), info=str(engine))
-        result = run_bench(engine, sizes, iters, gallery_size, threads=threads, progress=lambda: bar.advance(task))
+        result = run_bench(engine, sizes, iters, gallery_size, threads=threads, progress=lambda: bar.advance(task),
+                           **options)
     table = Table(title=f"{engine} · {result['backend']} {result['precision']} · {result['device']}")
     for col in ("batch", "stage", "p50 ms", "p90 ms", "p99 ms", "img/s"):
         table.add_column(col, justify="right")
