@@ -69,9 +69,40 @@ def ensure_on(xp, array, device, dtype=None):
     if other is not xp and not (is_numpy(xp) and is_numpy(other)):
         raise HanEdgeError(f"got a {type(array).__module__}.{type(array).__name__} array but this pipeline runs "
                            f"on {xp.__name__}; convert it explicitly (e.g. with DLPack) first")
-    if device is not None and str(device_of(array)) != str(device):
+    if device is not None and not same_device(device_of(array), device):
         raise HanEdgeError(f"array is on device {device_of(array)} but this pipeline runs on {device}")
-    return array if dtype is None else xp.astype(array, dtype)
+    return array if dtype is None else xp.astype(array, dtype, copy=False)     # no copy when already dtype
+
+
+def same_device(actual, wanted) -> bool:
+    """Whether two devices are the same one: equal objects or names, or torch ``cuda`` vs ``cuda:<current>``.
+
+    ``str`` alone is not enough: a torch tensor reports ``cuda:0`` while ``torch.device("cuda")``
+    prints ``cuda`` (CuPy ``Device`` objects compare by ordinal and print ``<CUDA Device 0>``).
+    """
+    try:
+        if actual == wanted:
+            return True
+    except Exception:          # a library whose __eq__ refuses foreign objects
+        pass
+    if str(actual) == str(wanted):
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not all(isinstance(d, (str, torch.device)) for d in (actual, wanted)):
+        return False
+    try:
+        a, b = torch.device(actual), torch.device(wanted)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None) != (b.index is None):
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index == b.index
 
 
 def _cpu_device(xp):
