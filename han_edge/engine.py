@@ -180,12 +180,15 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     build_config = check(builder.create_builder_config(), "create a builder config")
     build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     height, width = config.input_size
+    if network.num_inputs != 1:
+        raise HanEdgeError(f"{onnx_path} has {network.num_inputs} inputs; a HAN model has one ('{INPUT}')")
+    input_name = network.get_input(0).name    # the parsed graph's own name: a profile for another name builds nothing
     profile = check(builder.create_optimization_profile(), "create an optimization profile")
     shapes = [(b, 3, height, width) for b in (options.min_batch, options.opt_batch, options.max_batch)]
     try:
-        profile.set_shape(INPUT, *shapes)
+        profile.set_shape(input_name, *shapes)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise HanEdgeError(f"TensorRT refused the batch profile {shapes} for input '{INPUT}': {err}") from None
+        raise HanEdgeError(f"TensorRT refused the batch profile {shapes} for input '{input_name}': {err}") from None
     check(build_config.add_optimization_profile(profile), f"add the batch profile {shapes}")
     cache_path = timing_cache_path(options.cache_dir, trt.__version__, device) if options.cache_dir else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
