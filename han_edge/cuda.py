@@ -7,6 +7,8 @@ so CuPy is never required on a machine that has PyTorch. Both share memory throu
 """
 from __future__ import annotations
 
+import contextlib
+
 from han_edge.errors import MissingDependencyError
 
 INSTALL_HINT = ("on a machine with an NVIDIA GPU install PyTorch with CUDA, or CuPy for the CUDA major of your "
@@ -92,17 +94,43 @@ def contiguous(xp, array, dtype=None):
     return cupy.ascontiguousarray(array, dtype=dtype)
 
 
-def stream_ptr(xp) -> int:
-    """Handle of the stream the library is currently issuing work on (TensorRT runs on it)."""
+def new_stream(xp):
+    """A private non-blocking stream of the library that holds the buffers.
+
+    TensorRT warns that the default stream (handle 0, what CuPy and PyTorch use unless told
+    otherwise) costs extra ``cudaDeviceSynchronize`` calls, so engines run on a stream of their own.
+    """
     from array_api_compat import is_cupy_namespace
 
     if is_cupy_namespace(xp):
         import cupy
 
-        return int(cupy.cuda.get_current_stream().ptr)
+        return cupy.cuda.Stream(non_blocking=True)
     import torch
 
-    return int(torch.cuda.current_stream().cuda_stream)
+    return torch.cuda.Stream()
+
+
+@contextlib.contextmanager
+def ordered_on(xp, stream):
+    """Run work on ``stream`` in order with the caller's current stream: it waits for the caller's work
+    so far, and the caller's later work waits for it. Yields the raw handle for TensorRT/ONNX Runtime."""
+    from array_api_compat import is_cupy_namespace
+
+    if is_cupy_namespace(xp):
+        import cupy
+
+        caller = cupy.cuda.get_current_stream()
+        stream.wait_event(caller.record())
+        yield int(stream.ptr)
+        caller.wait_event(stream.record())
+        return
+    import torch
+
+    caller = torch.cuda.current_stream()
+    stream.wait_stream(caller)
+    yield int(stream.cuda_stream)
+    caller.wait_stream(stream)
 
 
 def synchronize(xp) -> None:
@@ -116,7 +144,7 @@ def synchronize(xp) -> None:
         return
     import torch
 
-    torch.cuda.synchronize()
+    torch.cuda.current_stream().synchronize()
 
 
 def empty(xp, shape, dtype, device):

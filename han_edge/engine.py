@@ -201,10 +201,10 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise HanEdgeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
-    atomic_write_bytes(engine_path, bytes(serialized), "engine")     # (side file last: it vouches for the plan)
+    plan = bytes(serialized)
+    atomic_write_bytes(engine_path, plan, "engine")     # (side file last: it vouches for the plan)
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(build_config.get_timing_cache().serialize()), "timing cache")
-    plan = bytes(serialized)
     side = {"metadata": meta, "precision": precision, "tensorrt": trt.__version__, **device,
             "plan_bytes": len(plan), "plan_sha256": hashlib.sha256(plan).hexdigest(),
             "batch": {"min": options.min_batch, "opt": options.opt_batch, "max": options.max_batch},

@@ -19,6 +19,16 @@ class OnnxRuntimeBackend(Backend):
 
         if providers is None:
             providers = [p for p in (CUDA_PROVIDER, "CPUExecutionProvider") if p in ort.get_available_providers()]
+        if CUDA_PROVIDER in providers:
+            from han_edge.cuda import device_arrays, device_index
+            from han_edge.errors import MissingDependencyError
+
+            try:   # the provider runs on the GPU that holds the bound buffers (the array library's current one)
+                self.xp, self.device = device_arrays()
+                providers = [(p, {"device_id": device_index(self.device)}) if p == CUDA_PROVIDER else p
+                             for p in providers]
+            except MissingDependencyError:
+                pass   # no CuPy/PyTorch to hold device buffers: the CUDA provider with host I/O (ORT copies)
         self.session = ort_session(path, threads, providers)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.config, self.precision = config_from_metadata(self.metadata, str(path))
@@ -26,11 +36,10 @@ class OnnxRuntimeBackend(Backend):
         self.provider = self.session.get_providers()[0]
         self.name = f"onnxruntime/{self.provider.replace('ExecutionProvider', '')}"
         self.batch_profile = (1, min(32, max_batch or 64), max_batch or 64)
-        if self.provider == CUDA_PROVIDER:
-            from han_edge.cuda import device_arrays
+        if self.provider != CUDA_PROVIDER:                 # asked for CUDA, got the CPU: host arrays after all
+            from han_edge.backends.base import Backend
 
-            self.xp, self.device = device_arrays()
-            self._binding = self.session.io_binding()
+            self.xp, self.device = Backend.xp, Backend.device
 
     def _check_graph(self, path) -> None:
         """The graph's I/O must be what the metadata says: one (N, 3, H, W) float input, (N, D) float output."""
@@ -60,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
         batch = contiguous(xp, batch, xp.float32)
         out = empty(xp, (batch.shape[0], self.config.feature_dim), xp.float32, self.device)
         device_id = device_index(self.device)   # CuPy Device.id / torch device.index (0 is falsy: no `or` chains)
-        binding = self._binding
+        binding = self.session.io_binding()            # one per call: concurrent calls never rebind each other
         binding.bind_input(self.input_name, "cuda", device_id, np.float32, tuple(batch.shape), data_ptr(batch))
         binding.bind_output(self.output_name, "cuda", device_id, np.float32, tuple(out.shape), data_ptr(out))
         synchronize(xp)                  # the batch was written on the library's stream; ORT uses its own

@@ -6,6 +6,7 @@ by a return value is checked with one sentence naming the step.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from han_edge.backends.base import Backend
@@ -45,6 +46,8 @@ class TensorRTBackend(Backend):
         low, opt, high = (int(s[0]) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
         self.batch_profile = (low, opt, high)
         self._output = None
+        self._stream = None
+        self._lock = threading.Lock()          # one execution context and output buffer: one call at a time
 
     def _io_names(self, trt) -> tuple[str, str]:
         inputs, outputs = [], []
@@ -77,8 +80,8 @@ class TensorRTBackend(Backend):
                                "han-edge engines have floating-point I/O")
 
     def infer(self, batch):
-        """(n, 3, H, W) device batch -> (n, D) float32 device features, on the caller's stream."""
-        from han_edge.cuda import contiguous, data_ptr, empty, stream_ptr
+        """(n, 3, H, W) device batch -> (n, D) float32 device features, ordered with the caller's stream."""
+        from han_edge.cuda import contiguous, data_ptr, empty, new_stream, ordered_on
 
         xp = self.xp
         n = batch.shape[0]
@@ -86,12 +89,17 @@ class TensorRTBackend(Backend):
         if not low <= n <= high:
             raise HanEdgeError(f"batch of {n} is outside the engine's profile {low}..{high}")
         batch = contiguous(xp, batch, getattr(xp, self.input_dtype.name))
-        if self._output is None:
-            self._output = empty(xp, (high, self.config.feature_dim), getattr(xp, self.output_dtype.name), self.device)
-        check(self.context.set_input_shape(self.input_name, tuple(batch.shape)), f"set the input shape {tuple(batch.shape)}")
-        check(self.context.set_tensor_address(self.input_name, data_ptr(batch)), "bind the input buffer")
-        check(self.context.set_tensor_address(self.output_name, data_ptr(self._output)), "bind the output buffer")
-        # The engine runs on the stream the array library is using, so ordering with pre-processing
-        # and matching needs no events or extra synchronisation.
-        check(self.context.execute_async_v3(stream_ptr(xp)), "execute the engine")
-        return xp.astype(self._output[:n, ...], xp.float32)     # a copy: the buffer is reused next call
+        with self._lock:
+            if self._output is None:
+                self._output = empty(xp, (high, self.config.feature_dim), getattr(xp, self.output_dtype.name),
+                                     self.device)
+                self._stream = new_stream(xp)
+            check(self.context.set_input_shape(self.input_name, tuple(batch.shape)),
+                  f"set the input shape {tuple(batch.shape)}")
+            check(self.context.set_tensor_address(self.input_name, data_ptr(batch)), "bind the input buffer")
+            check(self.context.set_tensor_address(self.output_name, data_ptr(self._output)), "bind the output buffer")
+            # A private stream (TensorRT's default-stream penalty), ordered both ways with the caller's:
+            # pre-processing before, the copy below and matching after, with no host synchronisation.
+            with ordered_on(xp, self._stream) as handle:
+                check(self.context.execute_async_v3(handle), "execute the engine")
+            return xp.astype(self._output[:n, ...], xp.float32, copy=True)   # the buffer is reused next call
