@@ -92,6 +92,8 @@ class FaissIndex(VectorIndex):
         out_d = np.full((len(queries), k), np.inf, np.float32)
         with self._lock:
             index, e = self._graph(), self._entries
+            if len(e.ids) == 0 or len(queries) == 0:   # a writer emptied the index since the caller looked
+                return pad_results(np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32), k)
             groups = [(np.arange(len(queries)), None)] if query_cams is None else \
                 [(np.flatnonzero(query_cams == c), c) for c in np.unique(query_cams)]
             for rows, cam in groups:

@@ -36,12 +36,15 @@ class Gallery:
         from han_edge.validate import feature_dim, positive_int
 
         self.dim = feature_dim(dim)
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise HanEdgeError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
-        if index not in INDEXES:
+        if not isinstance(index, str) or index not in INDEXES:
             raise HanEdgeError(f"unknown index {index!r}; one of {', '.join(INDEXES)}")
         self.metric, self.index = metric, index
         self.max_per_id = None if max_per_id is None else positive_int(max_per_id, "max_per_id")
+        capacity = positive_int(capacity, "capacity")
+        if not callable(clock):
+            raise HanEdgeError(f"clock must be a function returning seconds (like time.time); got {clock!r:.40}")
         self._clock = clock
         self._index: VectorIndex = self._open_index(device, capacity, uri, index_type)
 
@@ -69,18 +72,16 @@ class Gallery:
     # -- writing ---------------------------------------------------------------------------------------
     def add(self, ids, feats, cams=None, times=None) -> None:
         """Append features with their identity ids, camera ids (-1 unknown) and times (default: now)."""
-        from han_edge.validate import features_array, ids_array
+        from han_edge.validate import features_array, ids_array, real_number, times_array
 
         feats = features_array(feats, self.dim)
         n = feats.shape[0]
         ids = ids_array(ids, n)
         cams = np.full(n, -1, np.int64) if cams is None else ids_array(cams, n, "camera ids")
         if times is None:
-            times = np.full(n, self._clock(), np.float64)
+            times = np.full(n, real_number(self._clock(), "the gallery's clock"), np.float64)
         else:
-            times = np.asarray(times, np.float64).ravel()
-            if times.shape != (n,) or not np.isfinite(times).all():
-                raise HanEdgeError(f"times must be {n} finite numbers (seconds), one per feature")
+            times = times_array(times, n)
         if n:
             self._index.add(feats, ids, cams, times)
             if self.max_per_id is not None:
@@ -94,9 +95,13 @@ class Gallery:
 
     def remove_older_than(self, when: float) -> int:
         """Remove entries added before ``when`` (seconds since the epoch); returns how many."""
-        if isinstance(when, bool) or not isinstance(when, (int, float, np.number)) or not np.isfinite(when):
-            raise HanEdgeError(f"remove_older_than needs a finite time in seconds, got {when!r}")
-        return self._index.remove(before=float(when))
+        from han_edge.validate import _describe, real_number
+
+        try:
+            when = real_number(when, "time")
+        except HanEdgeError:
+            raise HanEdgeError(f"remove_older_than needs a finite time in seconds, got {_describe(when)}") from None
+        return self._index.remove(before=when)
 
     def keep_recent(self, per_id: int) -> int:
         """Keep the ``per_id`` most recent entries of each identity; returns how many were removed."""
@@ -115,6 +120,8 @@ class Gallery:
         from han_edge.validate import features_array, ids_array, positive_int
 
         k = positive_int(k, "k")
+        if not isinstance(exclude_same_camera, (bool, np.bool_)):
+            raise HanEdgeError(f"exclude_same_camera must be True or False; got {exclude_same_camera!r:.40}")
         if getattr(queries, "ndim", None) == 1 or (isinstance(queries, (list, tuple)) and queries
                                                    and np.ndim(queries[0]) == 0):
             queries = queries[None, ...] if hasattr(queries, "ndim") else [queries]
@@ -122,11 +129,11 @@ class Gallery:
         size = len(self)
         if size == 0:
             raise HanEdgeError("the gallery is empty: add features before searching")
-        cams = None
-        if exclude_same_camera:
-            if query_cams is None:
-                raise HanEdgeError("exclude_same_camera needs query_cams")
-            cams = ids_array(query_cams, queries.shape[0], "query camera ids")
+        cams = None if query_cams is None else ids_array(query_cams, queries.shape[0], "query camera ids")
+        if exclude_same_camera and cams is None:
+            raise HanEdgeError("exclude_same_camera needs query_cams")
+        if not exclude_same_camera:
+            cams = None                                  # checked (a wrong length is a bug), but not used
         return self._index.search(queries, min(k, size), cams)
 
     def entries(self) -> Entries:
@@ -148,6 +155,7 @@ class Gallery:
         """Versioned .npz, written atomically: a crash or a full disk keeps the old file."""
         from han_edge.fileio import atomic_write_bytes
 
+        path = _path(path)
         e = self.entries()
         buffer = io.BytesIO()
         np.savez(buffer, format_version=np.int64(FORMAT_VERSION), dim=np.int64(self.dim),
@@ -157,27 +165,48 @@ class Gallery:
     @classmethod
     def load(cls, path: str | Path, dim: int | None = None, device="cpu", index: str = "exact") -> "Gallery":
         """A saved gallery; refuses a corrupt file or one of another dimension with a clear error."""
-        path = Path(path)
+        from han_edge.validate import MAX_FEATURE_DIM, feature_dim
+
+        path = _path(path)
+        if dim is not None:
+            dim = feature_dim(dim)
         if path.is_dir():
             raise HanEdgeError(f"gallery file {path} is a directory")
         if not path.is_file():
             raise HanEdgeError(f"gallery file {path} not found")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                version = int(data["format_version"])
+            with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:   # closed on any error
+                data_version = data["format_version"][()]
+                version = int(data_version)
                 stored_dim, metric = int(data["dim"]), str(data["metric"])
                 feats, ids, cams = data["feats"], data["ids"], data["cams"]
                 times = data["times"] if "times" in data.files else np.zeros(len(ids))
-        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, TypeError):
+        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, TypeError, OverflowError):
             raise HanEdgeError(f"gallery file {path} is corrupt or not a han-edge gallery") from None
-        if version > FORMAT_VERSION:
-            raise HanEdgeError(f"gallery file {path} has format {version}; this han-edge reads {FORMAT_VERSION}")
+        if not 1 <= version <= FORMAT_VERSION or version != float(data_version):
+            raise HanEdgeError(f"gallery file {path} has format {data_version}; this han-edge reads 1 to {FORMAT_VERSION}")
         if dim is not None and stored_dim != dim:
             raise HanEdgeError(f"gallery file {path} holds {stored_dim}-D features, expected {dim}-D")
-        if feats.shape != (len(ids), stored_dim) or len(cams) != len(ids) or len(times) != len(ids) \
-                or feats.dtype.kind != "f" or ids.dtype.kind not in "iu" or cams.dtype.kind not in "iu":
-            raise HanEdgeError(f"gallery file {path} is inconsistent: {feats.shape} features, {len(ids)} ids")
+        if ids.ndim != 1 or cams.shape != ids.shape or times.shape != ids.shape or \
+                feats.shape != (len(ids), stored_dim) or feats.dtype.kind != "f" or ids.dtype.kind not in "iu" \
+                or cams.dtype.kind not in "iu" or times.dtype.kind not in "iuf":
+            raise HanEdgeError(f"gallery file {path} is inconsistent: {feats.shape} {feats.dtype} features, "
+                               f"ids {ids.shape} {ids.dtype}, cameras {cams.shape} {cams.dtype}, "
+                               f"times {times.shape} {times.dtype}")
+        if metric not in METRICS or not 1 <= stored_dim <= MAX_FEATURE_DIM:
+            raise HanEdgeError(f"gallery file {path} is inconsistent: metric {metric!r:.20}, dimension {stored_dim}")
         gallery = cls(stored_dim, metric, device, index, capacity=max(len(ids), 1))
-        if len(ids):
-            gallery.add(ids, feats, cams, times)
+        try:
+            if len(ids):
+                gallery.add(ids, feats, cams, times)
+        except HanEdgeError as err:
+            raise HanEdgeError(f"gallery file {path}: {err}") from None
         return gallery
+
+
+def _path(path) -> Path:
+    import os
+
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes) or not str(path):
+        raise HanEdgeError(f"a gallery file name must be a non-empty str or Path; got {path!r:.40}")
+    return Path(path)

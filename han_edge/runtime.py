@@ -27,11 +27,19 @@ class Embedder:
     """Person crops -> (N, feature_dim) float32 features, per-branch L2-normalised (Section 3.4)."""
 
     def __init__(self, model: str | Path | Backend, max_batch: int | None = None, **backend_options):
-        self.backend = model if isinstance(model, Backend) else open_backend(model, **backend_options)
+        from han_edge.validate import positive_int
+
+        if max_batch is not None:
+            max_batch = positive_int(max_batch, "max_batch")
+        if isinstance(model, Backend):
+            if backend_options:
+                raise HanEdgeError(f"backend options {sorted(backend_options)} apply when opening a model file, "
+                                   f"not to an opened Backend")
+            self.backend = model
+        else:
+            self.backend = open_backend(model, **_backend_options(model, backend_options))
         self.config: HANConfig = self.backend.config
         self.precision: str = self.backend.precision
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
-            raise HanEdgeError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = min(max_batch or self.backend.max_batch, self.backend.max_batch)
         self.xp, self.array_device = self.backend.xp, self.backend.device
         self.device = self.backend.kind
@@ -62,23 +70,31 @@ class Embedder:
 
     # -- stages ----------------------------------------------------------------------------------------
     def upload(self, frame, what: str = "frame"):
-        """The frame as a uint8 array on the backend's device (a no-op for frames already there)."""
-        if isinstance(frame, np.ndarray) or frame is None:
-            from han_edge.validate import image
+        """The frame as a uint8 array on the backend's device (a no-op for frames already there).
 
+        A host backend copies a frame of another library (a CuPy/torch frame from a GPU decoder) to the
+        host explicitly, once; a device backend refuses a frame of another library or device.
+        """
+        from han_edge.validate import _is_array, image
+
+        if isinstance(frame, np.ndarray) or not _is_array(frame):
             image(frame, what)
         else:
             check_frame(frame)
-        return frame if self.on_host else ensure_on(self.xp, frame, self.array_device)
+        if self.on_host:
+            return to_numpy(frame)
+        return ensure_on(self.xp, frame, self.array_device)
 
     def preprocess_frame(self, frame, boxes):
         """Network input for every box of one frame (no chunking: for benchmarks and inspection)."""
+        from han_edge.validate import boxes_array
+
         frame = self.upload(frame)
-        return self._crop(frame, clip_boxes(boxes, frame.shape[:2]))
+        return self._crop(frame, clip_boxes(boxes_array(boxes), frame.shape[:2]))
 
     def _crop(self, frame, boxes: np.ndarray):
         if self.on_host:
-            return crop_batch_host(np.asarray(frame), boxes, self.config.input_size, self.norm)
+            return crop_batch_host(frame, boxes, self.config.input_size, self.norm)
         return crop_batch(self.xp, frame, boxes, self.config.input_size, self.norm)
 
     def _infer(self, batch):
@@ -94,13 +110,23 @@ class Embedder:
     # -- public API ------------------------------------------------------------------------------------
     def embed_batch(self, batch, on_device: bool = False):
         """Network input (N, 3, H, W) float32 (host, or the backend's device) -> features, max_batch at a time."""
+        from han_edge.arrays import namespace
+        from han_edge.validate import finite
+
         expected = (3, *self.config.input_size)
         shape = tuple(getattr(batch, "shape", ()))
         if len(shape) != 4 or shape[1:] != expected:
             raise HanEdgeError(f"model input must be (N, {expected[0]}, {expected[1]}, {expected[2]}), got {shape}")
-        batch = ensure_on(self.xp, batch, self.array_device, self.xp.float32)
-        if shape[0] and not bool(self.xp.all(self.xp.isfinite(batch))):
-            raise HanEdgeError("model input contains NaN or infinite values")
+        floating = batch.dtype.kind == "f" if isinstance(batch, np.ndarray) else \
+            namespace(batch).isdtype(batch.dtype, "real floating")
+        if not floating:
+            raise HanEdgeError(f"model input must be normalised float values, got {batch.dtype} (for uint8 images "
+                               f"use embed_crops or embed_frame)")
+        batch = ensure_on(self.xp, batch, self.array_device)
+        with np.errstate(over="ignore"):                # float64 beyond float32 becomes inf: refused just below
+            batch = batch if batch.dtype == self.xp.float32 else self.xp.astype(batch, self.xp.float32)
+        if shape[0]:
+            finite(batch, "model input (as float32)")
         parts = [self._infer(batch[i:i + self.max_batch, ...]) for i in range(0, shape[0], self.max_batch)]
         return self._out(parts, on_device)
 
@@ -118,12 +144,23 @@ class Embedder:
         As DeepStream batches across streams: the boxes of all frames fill batches of ``max_batch``,
         and ``frame_index[i]`` says which frame feature ``i`` came from.
         """
+        from han_edge.validate import boxes_array
+
+        if isinstance(frames, np.ndarray) and frames.ndim == 4:
+            frames = list(frames)                            # a stack of same-sized frames
+        if not isinstance(frames, (list, tuple)):
+            raise HanEdgeError(f"frames must be a list of H x W x 3 uint8 frames (for one frame use embed_frame); "
+                               f"got {_describe(frames)}")
+        if not isinstance(boxes_per_frame, (list, tuple)):
+            raise HanEdgeError(f"boxes_per_frame must be a list with one box list per frame; got "
+                               f"{_describe(boxes_per_frame)}")
         if len(frames) != len(boxes_per_frame):
             raise HanEdgeError(f"{len(frames)} frames but {len(boxes_per_frame)} box lists")
         work = []                                            # (frame on device, clipped host boxes, index)
         for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
             frame = self.upload(frame, f"frame {i}")
-            clipped = clip_boxes(boxes, frame.shape[:2])
+            what = "boxes" if len(frames) == 1 else f"boxes of frame {i}"
+            clipped = clip_boxes(boxes_array(boxes, what), frame.shape[:2])
             if len(clipped):
                 work.append((frame, clipped, i))
         index = np.concatenate([np.full(len(c), i, np.int64) for _, c, i in work]) if work else np.zeros(0, np.int64)
@@ -151,10 +188,10 @@ class Embedder:
         Each crop is resized on the host (OpenCV), the stack uploaded once per chunk and normalised
         on the device.
         """
-        from han_edge.validate import image
+        from han_edge.validate import image, images
 
         if not isinstance(crops, (list, tuple)):
-            raise HanEdgeError(f"crops must be a list of H x W x 3 uint8 images, got {type(crops).__name__}")
+            images(crops)                                    # one sentence naming what was given instead
         parts = []
         for start in range(0, len(crops), self.max_batch):
             chunk = list(crops[start:start + self.max_batch])
@@ -166,11 +203,66 @@ class Embedder:
 
     def embed_files(self, paths: list, chunk: int = 256, progress=None, on_device: bool = False):
         """Features of image files, read ``chunk`` at a time to bound memory."""
-        from han_edge.preprocess import load_image
+        import os
 
+        from han_edge.preprocess import load_image
+        from han_edge.validate import positive_int
+
+        chunk = positive_int(chunk, "chunk")
+        if not isinstance(paths, (list, tuple)):
+            raise HanEdgeError(f"paths must be a list of image file names; got {_describe(paths)}")
+        for i, p in enumerate(paths):
+            if not isinstance(p, (str, os.PathLike)) or isinstance(p, bytes) or not str(p):
+                raise HanEdgeError(f"path {i} is {_describe(p)}, not an image file name")
+            if Path(p).is_dir():
+                raise HanEdgeError(f"image {p} is a directory, not an image file")
         parts = []
         for start in range(0, len(paths), chunk):
             parts.append(self.embed_crops([load_image(p) for p in paths[start:start + chunk]], on_device=True))
             if progress:
                 progress(parts[-1].shape[0])
         return self._out(parts, on_device)
+
+
+def _describe(value) -> str:
+    from han_edge.validate import _describe as describe
+
+    return describe(value)
+
+
+def _backend_options(model, options: dict) -> dict:
+    """The options every backend shares, checked before any file is opened (one sentence each)."""
+    import math
+    import numbers
+
+    from han_edge.validate import positive_int, real_number
+
+    out = dict(options)
+    if out.get("max_batch") is not None:
+        out["max_batch"] = positive_int(out["max_batch"], "max_batch")
+    if "threads" in out:
+        threads = out["threads"]
+        if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
+            raise HanEdgeError(f"threads must be a whole number >= 0 (0: the library's default); got {threads!r:.40}")
+        out["threads"] = int(threads)
+    if "timeout_s" in out:
+        timeout = real_number(out["timeout_s"], "timeout_s")
+        if not timeout > 0 or math.isinf(timeout):
+            raise HanEdgeError(f"timeout_s must be a positive number of seconds; got {timeout}")
+        out["timeout_s"] = timeout
+    if out.get("providers") is not None:
+        providers = out["providers"]
+        if not isinstance(providers, (list, tuple)) or not providers or \
+                not all(isinstance(p, str) and p for p in providers):
+            raise HanEdgeError(f"providers must be a non-empty list of ONNX Runtime provider names such as "
+                               f"['CPUExecutionProvider']; got {providers!r:.60}")
+        if str(model).lower().endswith(".onnx"):
+            import onnxruntime as ort
+
+            available = ort.get_available_providers()
+            unknown = [p for p in providers if p not in available]
+            if unknown:
+                raise HanEdgeError(f"ONNX Runtime provider(s) {', '.join(unknown)} are not available here; "
+                                   f"available: {', '.join(available)}")
+        out["providers"] = list(providers)
+    return out

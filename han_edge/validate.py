@@ -87,8 +87,8 @@ def _describe(value) -> str:
 
 
 def _real(value) -> float | None:
-    """A finite float from a real number that is not a bool, else None."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    """A finite float from a real number that is not a bool (nor a NumPy date/duration), else None."""
+    if isinstance(value, (bool, np.bool_, np.timedelta64, np.datetime64)) or not isinstance(value, numbers.Real):
         return None
     try:
         number = float(value)
@@ -114,6 +114,8 @@ def boxes_array(obj, what: str = "boxes") -> np.ndarray:
         if obj.dtype.kind != "O":
             raise HanEdgeError(f"{what} must hold numbers; got an array of {obj.dtype}")
         obj = list(obj)
+    if not isinstance(obj, (list, tuple)) and _is_array(obj):
+        return boxes_array(_host(obj), what)        # boxes from a GPU detector: one small explicit copy
     if not isinstance(obj, (list, tuple)):
         raise HanEdgeError(f"{what} must be a list of [x1, y1, x2, y2] boxes; got {_describe(obj)}")
     out = np.empty((len(obj), 4), np.float64)
@@ -128,9 +130,9 @@ def boxes_array(obj, what: str = "boxes") -> np.ndarray:
             number = _real(value)
             if number is None:
                 kind = "not a number"
-                if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+                if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_, np.timedelta64)):
                     kind = "too large for a coordinate"
-                elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                elif isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_, np.timedelta64)):
                     kind = "not finite"
                 raise HanEdgeError(f"{what}: box {i} coordinate {j} is {_describe(value)}, {kind}")
             out[i, j] = number
@@ -252,7 +254,7 @@ def ids_array(ids, n: int | None = None, what: str = "ids") -> np.ndarray:
 
 
 def _integer(value, label: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_, np.timedelta64, np.datetime64)):
         raise HanEdgeError(f"{label} is {_describe(value)}, not an integer")
     if isinstance(value, numbers.Integral):
         number = int(value)
@@ -319,7 +321,12 @@ def finite(array, what: str = "array"):
 
 
 def features_array(array, dim: int, what: str = "features"):
-    """A ``(N, dim)`` real, finite array (NumPy or array-API); a 1-D vector is refused, not guessed to be one row."""
+    """A ``(N, dim)`` float32 array of finite real numbers (NumPy or array-API, left on its device).
+
+    A 1-D vector is refused, not guessed to be one row; bools and complex numbers are refused (a cast
+    would drop the imaginary part); values that overflow float32 (``1e300`` in a float64 array) or rows
+    whose squared norm does (the distances would be inf or NaN) are refused naming the rows.
+    """
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         try:
             array = np.asarray(array, dtype=np.float32)
@@ -327,7 +334,67 @@ def features_array(array, dim: int, what: str = "features"):
             raise HanEdgeError(f"{what} must be an (N, {dim}) array of numbers; got {_describe(array)}") from None
     if array.ndim != 2 or array.shape[1] != dim:
         raise HanEdgeError(f"{what} must have shape (N, {dim}); got {tuple(array.shape)}")
-    return finite(array, what)
+    xp = _namespace(array)
+    if not xp.isdtype(array.dtype, ("integral", "real floating")):
+        raise HanEdgeError(f"{what} must hold real numbers; got {array.dtype}")
+    finite(array, what)
+    with np.errstate(over="ignore", invalid="ignore"):          # overflow is what is checked here
+        if array.dtype != xp.float32:
+            array = xp.astype(array, xp.float32)
+            _rows_fit(xp, xp.all(xp.isfinite(array), axis=1), what, "values too large for float32")
+        if array.shape[0]:
+            _rows_fit(xp, xp.isfinite(xp.sum(array * array, axis=1)), what, "a squared norm too large for float32")
+    return array
+
+
+def _rows_fit(xp, ok, what: str, problem: str) -> None:
+    if not bool(xp.all(ok)):
+        rows = np.flatnonzero(~_host(ok)).tolist()
+        raise HanEdgeError(f"{what}: row{'s' * (len(rows) > 1)} {_names(rows)} {'have' if len(rows) > 1 else 'has'} "
+                           f"{problem}")
+
+
+def times_array(times, n: int, what: str = "times") -> np.ndarray:
+    """Times in seconds as ``float64 (n,)``: real, finite numbers (ints or floats; bools and strings refused)."""
+    if times is None or isinstance(times, (str, bytes, dict, set, numbers.Number, np.generic)):
+        raise HanEdgeError(f"{what} must be a list or 1-D array of {n} numbers (seconds); got {_describe(times)}")
+    if _is_array(times) and not isinstance(times, np.ndarray):
+        times = _host(times)
+    if isinstance(times, np.ndarray) and times.dtype.kind in "iuf":
+        if times.ndim != 1:
+            raise HanEdgeError(f"{what} must be 1-D; got shape {times.shape}")
+        out = times.astype(np.float64)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            raise HanEdgeError(f"{what}: time {int(np.argmax(bad))} is not a finite number")
+    else:
+        try:
+            items = list(times)
+        except TypeError:
+            raise HanEdgeError(f"{what} must be a list or 1-D array of numbers (seconds); got {_describe(times)}") \
+                from None
+        out = np.empty(len(items), np.float64)
+        for i, value in enumerate(items):
+            out[i] = real_number(value, f"{what}: time {i}")
+    if len(out) != n:
+        raise HanEdgeError(f"{len(out)} {what} for {n} features; give one per feature")
+    return out
+
+
+def real_number(value, name: str) -> float:
+    """A finite real number (Python or NumPy, not a bool or a string) as a float."""
+    number = _real(value)
+    if number is None:
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_, np.timedelta64)):
+            raise HanEdgeError(f"{name} is too large; got an integer of {len(str(abs(int(value))))} digits")
+        raise HanEdgeError(f"{name} must be a finite number; got {_describe(value)}")
+    return number
+
+
+def _is_array(obj) -> bool:
+    """An array of some library (NumPy, CuPy, torch, array-API), not a Python container."""
+    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__array_namespace__") or \
+        hasattr(obj, "__dlpack__") or isinstance(obj, np.ndarray)
 
 
 def image(array, what: str = "frame") -> np.ndarray:
