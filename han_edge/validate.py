@@ -26,6 +26,10 @@ Policies (the ambiguous cases, decided once):
   (even ``5.0``) and strings are refused.
 - **Arrays of numbers** (network inputs, features, queries) must be finite: NaN or inf is refused naming
   the rows, for NumPy and any array-API array (CuPy), rather than returning NaN features or id -1.
+  Features and queries are real (ints or floats; bools and complex refused, never cast) and must stay
+  finite in float32, squared norms included (``1e300`` in a float64 array is refused, not stored as inf).
+- **Times** (seconds) are real finite numbers, one per feature, 1-D; strings (even ``"1"``), bools,
+  NumPy dates/durations and integers too large for a float are refused naming the index.
 - **Images** (frames, crops): ``uint8`` ``H x W x 3`` arrays with H, W >= 1; ``None`` (a failed
   ``cv2.imread``) is refused naming the crop.
 """
