@@ -129,7 +129,20 @@ def _elem_name(elem: int) -> str:
         return f"element type {elem}"
 
 
-def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None = None):
+# ONNX Runtime's basic-level rewrite WeightBiasQuantization turns each DQ->Conv float bias into int32 by
+# Round(bias / (input scale x weight scale)); in a file with FP16 Q/DQ scales (the TensorRT INT8 + FP16
+# flavour, opset 19) that arithmetic runs in FP16 and overflows for small scales, costing accuracy the file
+# does not have (TensorRT never quantises biases). Sessions on such files run without it.
+ORT_FP16_ARTEFACTS = ("WeightBiasQuantization",)
+
+
+def ort_workarounds(meta: dict[str, str]) -> list[str]:
+    """ONNX Runtime optimisers to disable for a han-edge file, from its metadata."""
+    return list(ORT_FP16_ARTEFACTS) if meta.get("han_edge.float_precision") == "fp16" else []
+
+
+def ort_session(path: str | Path, threads: int = 0, providers: list | None = None,
+                disabled_optimizers: list[str] | None = None):
     """An ONNX Runtime session (CPU unless ``providers`` says otherwise), or one sentence why not."""
     try:
         import onnxruntime as ort
@@ -140,7 +153,8 @@ def ort_session(path: str | Path, threads: int = 0, providers: list[str] | None 
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"], **extra)
     except Exception as err:
         raise HanEdgeError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0][:200]}") from None
 

@@ -35,6 +35,7 @@ from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.onnx_io import (
     INPUT,
+    ORT_FP16_ARTEFACTS,
     load_onnx,
     onnx_metadata,
     ort_session,
@@ -67,13 +68,6 @@ CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
 WEIGHTED_OPS = ("Conv", "Gemm")
 QUANTIZED_OPS = ("Conv", "Gemm", "Relu", "Sigmoid", "Mul")
 FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op types are kept in FP32
-# ONNX Runtime's basic-level WeightBiasQuantization rewrites every DQ->Conv float bias into an int32
-# one, Round(bias / (input scale x weight scale)); with the opset-19 FP16 scales that arithmetic runs in
-# FP16, whose range (65,504) small scales exceed. On the demo model it costs 0.002 centred cosine
-# (0.9944 vs 0.9965) that the file does not have: with the rewrite (or all optimisations) off, the
-# INT8 + FP16 file scores exactly what INT8 + FP32 scores. TensorRT never quantises biases, so the
-# analyses that decide what the TensorRT flavour keeps in FP32 run without that rewrite.
-ORT_FP16_ARTEFACTS = ("WeightBiasQuantization",)
 
 
 class ImageReader:
@@ -122,15 +116,8 @@ def layer_groups(model) -> dict[str, list[str]]:
 
 
 def scoring_session(path, without_fp16_artefacts: bool):
-    """ORT CPU session for accuracy scores; optionally without ``ORT_FP16_ARTEFACTS``'s rewrite."""
-    if not without_fp16_artefacts:
-        return ort_session(path)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(ORT_FP16_ARTEFACTS))
+    """ORT CPU session for accuracy scores; optionally without ``onnx_io.ORT_FP16_ARTEFACTS``'s rewrite."""
+    return ort_session(path, disabled_optimizers=list(ORT_FP16_ARTEFACTS) if without_fp16_artefacts else None)
 
 
 def _calibration_key(fp32_path: Path, calib_batch: np.ndarray, method: str, flavour: Int8Flavour) -> str:

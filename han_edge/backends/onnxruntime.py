@@ -8,7 +8,7 @@ import numpy as np
 from han_edge.backends.base import Backend
 from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError
-from han_edge.onnx_io import ort_session
+from han_edge.onnx_io import ort_session, ort_workarounds
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -31,6 +31,8 @@ class OnnxRuntimeBackend(Backend):
                 pass   # no CuPy/PyTorch to hold device buffers: the CUDA provider with host I/O (ORT copies)
         self.session = ort_session(path, threads, providers)
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        if ort_workarounds(self.metadata):        # known ORT rewrites that hurt this file: without them
+            self.session = ort_session(path, threads, providers, ort_workarounds(self.metadata))
         self.config, self.precision = config_from_metadata(self.metadata, str(path))
         self._check_graph(path)
         self.provider = self.session.get_providers()[0]
