@@ -164,6 +164,18 @@ def empty(xp, shape, dtype, device):
     return xp.empty(shape, dtype=dtype, device=device)
 
 
+def zeros(xp, shape, dtype, device):
+    """A zeroed array on ``device`` for any array library (CuPy: under the device's context, as ``empty``)."""
+    from array_api_compat import is_cupy_namespace
+
+    if is_cupy_namespace(xp) and device is not None:
+        import cupy
+
+        with cupy.cuda.Device(device):
+            return xp.zeros(shape, dtype=dtype)
+    return xp.zeros(shape, dtype=dtype, device=device)
+
+
 def device_index(device) -> int:
     """The CUDA ordinal of a CuPy ``Device`` (``.id``) or a torch ``device`` (``.index``; None means the current one)."""
     index = getattr(device, "id", None)

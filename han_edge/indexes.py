@@ -149,10 +149,12 @@ class ExactIndex(VectorIndex):
 
     def _alloc(self, capacity: int, keep: int = 0) -> None:
         xp, dev = self.xp, self.device
-        feats = xp.zeros((capacity, self.dim), dtype=xp.float32, device=dev)
-        sq = xp.zeros((capacity,), dtype=xp.float32, device=dev)
-        ids_d = xp.zeros((capacity,), dtype=xp.int64, device=dev)
-        cams_d = xp.zeros((capacity,), dtype=xp.int64, device=dev)
+        from han_edge.cuda import zeros            # CuPy ignores device=: allocated under the device's context
+
+        feats = zeros(xp, (capacity, self.dim), xp.float32, dev)
+        sq = zeros(xp, (capacity,), xp.float32, dev)
+        ids_d = zeros(xp, (capacity,), xp.int64, dev)
+        cams_d = zeros(xp, (capacity,), xp.int64, dev)
         ids, cams, times = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64), np.zeros(capacity)
         if keep:
             feats[:keep, ...], sq[:keep] = self._feats[:keep, ...], self._sq[:keep]
@@ -264,7 +266,7 @@ def pair_distances(xp, a, b, metric: str):
     if metric == "cosine":
         dot = xp.sum(a * b, axis=-1)
         norms = xp.sqrt(xp.sum(a * a, axis=-1) * xp.sum(b * b, axis=-1))
-        return 1 - dot / xp.clip(norms, min=1e-12)
+        return 1 - dot / _at_least(xp, norms, 1e-12)
     diff = a - b
     return xp.sqrt(xp.sum(diff * diff, axis=-1))
 
@@ -275,5 +277,10 @@ def distances(xp, queries, feats, metric: str, sq_norms=None):
     g_sq = xp.sum(feats * feats, axis=1) if sq_norms is None else sq_norms
     q_sq = xp.sum(queries * queries, axis=1)
     if metric == "cosine":
-        return 1 - dots / xp.sqrt(xp.clip(q_sq[:, None] * g_sq[None, :], min=1e-24))
-    return xp.sqrt(xp.clip(q_sq[:, None] + g_sq[None, :] - 2 * dots, min=0.0))
+        return 1 - dots / xp.sqrt(_at_least(xp, q_sq[:, None] * g_sq[None, :], 1e-24))
+    return xp.sqrt(_at_least(xp, q_sq[:, None] + g_sq[None, :] - 2 * dots, 0.0))
+
+
+def _at_least(xp, x, low: float):
+    """max(x, low) elementwise (``xp.clip`` is a masked copy on CuPy's array-api-compat; maximum is one kernel)."""
+    return xp.maximum(x, xp.asarray(low, dtype=x.dtype, device=getattr(x, "device", None)))
