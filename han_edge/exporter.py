@@ -1,4 +1,4 @@
-"""Export stage: PyTorch -> ONNX. One function per format and one table of the formats.
+"""Export stage: PyTorch -> ONNX, one function per format (the table of formats is ``han_edge.formats.ARTEFACTS``).
 
 Precision lives in the ONNX, not in TensorRT builder flags (TensorRT 11 removed them). This module
 writes the float formats (FP32, FP16) and checks them with ONNX Runtime; the INT8 formats are
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,28 +29,6 @@ from han_edge.onnx_io import (
 from han_edge.preprocess import images_to_batch, load_image
 
 OPSET = 17   # FP32/FP16/CPU-INT8 files; the TensorRT INT8 + FP16 file is raised to 19 (FP16 Q/DQ scales)
-
-
-@dataclass(frozen=True)
-class Format:
-    """One exported artefact: file suffix, the precision its metadata names, and what it is for."""
-
-    suffix: str
-    precision: str
-    description: str
-
-
-FORMATS = {
-    "fp32": Format(".onnx", "fp32", "FP32, opset 17, simplified; the reference every other file is checked against"),
-    "fp16": Format(".fp16.onnx", "fp16", "FP16 weights and activations, FP32 I/O (onnxconverter-common)"),
-    "int8": Format(".int8.onnx", "int8", "TensorRT: INT8 Q/DQ on Conv/Gemm inputs, FP16 elsewhere, FP32 I/O, opset 19"),
-    "int8-cpu": Format(".int8-cpu.onnx", "int8-cpu", "ONNX Runtime CPU: U8/S8 Q/DQ fused into integer kernels"),
-}
-
-
-def artefact_path(out_dir: str | Path, variant: str, fmt: str) -> Path:
-    """``<out_dir>/han_<variant><suffix>`` for a format of ``FORMATS``."""
-    return Path(out_dir) / f"han_{variant}{FORMATS[fmt].suffix}"
 
 
 # -- FP32 ----------------------------------------------------------------------------------------------

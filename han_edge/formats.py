@@ -68,28 +68,36 @@ def format_of(source) -> ModelFormat:
 # -- what `export` and `build` write: one row per precision ----------------------------------------------
 @dataclass(frozen=True)
 class Artefact:
-    precision: str          # metadata precision
-    onnx_tag: str           # han_<variant><tag>.onnx
-    plan_tag: str | None    # han_<variant><tag>.plan, None where no engine is built from it
+    precision: str           # the precision its metadata names
+    suffix: str              # han_<variant><suffix>
+    plan_suffix: str | None  # han_<variant><plan_suffix>, None where no engine is built from it
+    description: str
 
 
 ARTEFACTS: dict[str, Artefact] = {
-    "fp32": Artefact("fp32", "", ""),
-    "fp16": Artefact("fp16", ".fp16", ".fp16"),
-    "int8": Artefact("int8", ".int8", ".int8"),               # TensorRT flavour
-    "int8-cpu": Artefact("int8-cpu", ".int8-cpu", None),      # ONNX Runtime CPU flavour: no engine
+    "fp32": Artefact("fp32", ".onnx", ".plan",
+                     "FP32, opset 17, simplified; the reference every other file is checked against"),
+    "fp16": Artefact("fp16", ".fp16.onnx", ".fp16.plan", "FP16 weights and activations, FP32 I/O (onnxconverter-common)"),
+    "int8": Artefact("int8", ".int8.onnx", ".int8.plan",
+                     "TensorRT: INT8 Q/DQ on Conv/Gemm inputs, FP16 elsewhere, FP32 I/O, opset 19"),
+    "int8-cpu": Artefact("int8-cpu", ".int8-cpu.onnx", None, "ONNX Runtime CPU: U8/S8 Q/DQ fused into integer kernels"),
 }
 
 
+def artefact_path(out_dir: str | Path, variant: str, precision: str) -> Path:
+    """``<out_dir>/han_<variant><suffix>`` for a row of ``ARTEFACTS``."""
+    return Path(out_dir) / onnx_name(variant, precision)
+
+
 def onnx_name(variant: str, precision: str) -> str:
-    return f"han_{variant}{ARTEFACTS[precision].onnx_tag}.onnx"
+    return f"han_{variant}{ARTEFACTS[precision].suffix}"
 
 
 def engine_name(variant: str, precision: str) -> str:
-    tag = ARTEFACTS[precision].plan_tag
-    if tag is None:
+    suffix = ARTEFACTS[precision].plan_suffix
+    if suffix is None:
         raise HanEdgeError(f"the {precision} model is for ONNX Runtime on the CPU; no TensorRT engine is built from it")
-    return f"han_{variant}{tag}.plan"
+    return f"han_{variant}{suffix}"
 
 
 def engine_name_for(onnx_path: str | Path) -> str:

@@ -23,13 +23,13 @@ from han_edge.evaluate import (
     neighbour_agreement,
 )
 from han_edge.exporter import (
-    artefact_path,
     export_fp16,
     export_fp32,
     load_batch,
     parity,
 )
 from han_edge.fileio import ensure_folder, write_json
+from han_edge.formats import artefact_path
 from han_edge.onnx_io import ort_session, run_ort
 from han_edge.quantize import export_int8, scoring_session
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from han_edge.cli import app
 from han_edge.errors import HanEdgeError
 from han_edge.evaluate import centred_cosine, cosine_rows
-from han_edge.exporter import FORMATS, load_batch, ort_optimized_op_counts
+from han_edge.exporter import load_batch, ort_optimized_op_counts
+from han_edge.formats import ARTEFACTS
 from han_edge.half import float32_tensors
 from han_edge.jobs import (
     ExportOptions,
@@ -77,7 +78,7 @@ def test_fp32_parity_metadata_and_dynamic_batch(exported, heldout):
         for batch in (1, 7):
             part = session.run(None, {"images": x[:batch]})[0]
             np.testing.assert_allclose(part, full[:batch], atol=2e-3 if "int8" in name else 1e-4)
-    assert {p.name for p in out.iterdir() if p.suffix == ".onnx"} >= {f"han_small{f.suffix}" for f in FORMATS.values()
+    assert {p.name for p in out.iterdir() if p.suffix == ".onnx"} >= {f"han_small{f.suffix}" for f in ARTEFACTS.values()
                                                                      if f.precision != "int8-cpu"}
 
 
