@@ -63,7 +63,9 @@ def match(
 
     uri = milvus_uri(gallery)
     if uri is None:
-        gal = Gallery.load(Path(gallery))
+        from han_edge.cuda import gpu_available
+
+        gal = Gallery.load(Path(gallery), device="cuda" if gpu_available() else "cpu")   # matched on the GPU if any
         qry = Gallery.load(query, dim=gal.dim)
     else:
         qry = Gallery.load(query)
