@@ -65,6 +65,16 @@ class Gallery:
     def __len__(self) -> int:
         return self._index.count()
 
+    def close(self) -> None:
+        """Release the index's files, connections and device memory (Milvus Lite: the embedded server)."""
+        self._index.close()
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def backend(self) -> VectorIndex:
         return self._index

@@ -199,3 +199,19 @@ def test_optional_clients_are_imported_lazily():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_bench_through_triton(server, tmp_path):
+    """`han-edge bench --model grpc://...`: the CLI takes a Triton URI wherever it takes a model file."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--model", f"grpc://{server.url}/han_small", "--batch", "2",
+                                      "--iters", "1", "--gallery-size", "10", "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["backend"].startswith("triton")
+    result = CliRunner().invoke(app, ["bench", "--model", str(tmp_path / "missing.onnx")])
+    assert result.exit_code == 2 and "not found" in result.output

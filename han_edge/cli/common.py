@@ -125,6 +125,19 @@ def output_folder(what: str):
     return check
 
 
+def model_source(value: Optional[str]) -> Optional[str]:
+    """A model file the format table knows (checked to exist) or a ``grpc://host:port/name`` Triton URI."""
+    if value is None:
+        return value
+    from han_edge.formats import format_of
+
+    try:
+        format_of(value)
+    except HanEdgeError as err:
+        raise _bad(err) from None
+    return value
+
+
 def finite_positive(value: float) -> float:
     """Callback: a finite number > 0 (Click's FloatRange lets NaN and inf through)."""
     import math

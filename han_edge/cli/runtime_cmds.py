@@ -8,15 +8,16 @@ from typing import List, Literal, Optional
 import typer
 from rich.table import Table
 
-from han_edge.cli.common import (MAX_BATCH, MAX_GALLERY, app, batch_list, console, output_file, profile_app,
-                                 progress_bar, write_json)
+from han_edge.cli.common import (MAX_BATCH, MAX_GALLERY, app, batch_list, console, model_source, output_file,
+                                 profile_app, progress_bar, write_json)
 from han_edge.errors import HanEdgeError
 
 
 # -- runtime: embed / match / bench -----------------------------------------------------------------------
 @app.command()
 def embed(
-    engine: Path = typer.Option(..., "--engine", "--model", exists=True, dir_okay=False, help=".plan/.engine, .onnx or .pt"),
+    engine: str = typer.Option(..., "--engine", "--model", callback=model_source,
+                               help=".plan/.engine, .onnx, .pt or grpc://host:8001/name (Triton)"),
     images: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of images (whole images are crops unless --boxes)"),
     video: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="video file; needs --boxes keyed by frame index"),
     boxes: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
@@ -86,7 +87,8 @@ def match(
 
 @app.command()
 def bench(
-    engine: Path = typer.Option(..., "--engine", "--model", exists=True, dir_okay=False, help=".plan/.engine, .onnx or .pt"),
+    engine: str = typer.Option(..., "--engine", "--model", callback=model_source,
+                               help=".plan/.engine, .onnx, .pt or grpc://host:8001/name (Triton)"),
     batch: str = typer.Option("1,8,32,64", callback=batch_list, help=f"comma-separated batch sizes, each 1..{MAX_BATCH}"),
     iters: int = typer.Option(20, min=1, max=100_000, help="timed iterations per batch size (after warm-up)"),
     gallery_size: int = typer.Option(10000, min=1, max=MAX_GALLERY, help="gallery entries to match against"),

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import typer
 from rich.table import Table
 
-from han_edge.cli.common import (MAX_BATCH, app, console, finite_positive, output_file, output_folder, progress_bar,
+from han_edge.cli.common import (MAX_BATCH, app, console, finite_positive, model_source, output_file, output_folder, progress_bar,
                                  write_json)
 
 Dataset = Literal["synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "cuhk03-detected", "imagefolder"]
@@ -67,8 +67,8 @@ def print_metrics(result: dict, title: str) -> None:
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "--model", exists=True, dir_okay=False,
-                                    help=".pt checkpoint, .onnx or .plan"),
+    checkpoint: str = typer.Option(..., "--checkpoint", "--model", callback=model_source,
+                                   help=".pt checkpoint, .onnx, .plan or grpc://host:8001/name (Triton)"),
     dataset: Dataset = typer.Option("synthetic"),
     root: Optional[Path] = typer.Option(None),
     rerank: bool = typer.Option(False, help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)"),
