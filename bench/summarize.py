@@ -44,8 +44,36 @@ def main() -> None:
                 "p50 latency per stage (ms) and end-to-end images/s; exact gallery search.", "",
                 table(["variant", "precision", "gallery", "batch", "preprocess", "inference", "matching",
                        "end to end", "e2e images/s"], _runtime_rows(runtime["rows"])), ""]
+    device = load("device_path")
+    if device:
+        out += [f"## Device path on the CPU: `embed_frame` vs OpenCV per crop + the same model ({device['machine']}, "
+                f"{device['date']}, {device.get('backend', '')})", "",
+                "Medians of interleaved runs; one 1080p frame; the baseline cuts each box with `cv2.resize`, "
+                "normalises the stack and runs the same ONNX Runtime session at the same batch size.", "",
+                table(["boxes", "embed_frame ms", "baseline ms", "baseline / ours", "pre-process: host (OpenCV) ms",
+                       "array-API gather NumPy ms", "array-API gather torch CPU ms"],
+                      [[r["boxes"], f"{r['embed_frame_ms']:.1f}", f"{r['cv2_baseline_ms']:.1f}",
+                        f"{r['ratio_baseline_over_ours']:.2f}", f"{r['preprocess_ms[host (OpenCV per box)]']:.1f}",
+                        f"{r['preprocess_ms[array-API gather, NumPy]']:.1f}",
+                        f"{r['preprocess_ms[array-API gather, torch CPU]']:.1f}"] for r in device["rows"]]), ""]
+    memory = load("device_path_memory")
+    if memory:
+        r = memory["rows"][0]
+        out += [f"## Memory: `embed_frame` with {r['boxes']:,} boxes on one 1080p frame ({memory['machine']}, "
+                f"{memory['date']})", "", f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB "
+                "(PyTorch, ONNX Runtime and the model included).", ""]
+    out += _kept_sections()
     atomic_write_bytes(Path(__file__).parent / "RESULTS.md", ("\n".join(out) + "\n").encode(), "RESULTS.md")
     print("wrote bench/RESULTS.md")
+
+
+def _kept_sections() -> list[str]:
+    """Sections other scripts write between ``<!-- name:begin -->`` and ``<!-- name:end -->`` are kept as they are."""
+    import re
+
+    path = Path(__file__).parent / "RESULTS.md"
+    text = path.read_text() if path.is_file() else ""
+    return [m.group(0) + "\n" for m in re.finditer(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", text, re.S)]
 
 
 def _export_sections(export: dict) -> list[str]:
