@@ -117,6 +117,7 @@ def test_host_arrays_are_not_mixed_into_device_work(fresh_onnx):
         gallery.search(xps.asarray(np.eye(1, 4, dtype=np.float32)), k=1)   # strict array on the host device
 
 
+@pytest.mark.slow
 def test_pytorch_backend_runs_the_device_pipeline_on_cpu_tensors(trained_checkpoint, tmp_path):
     """The code a CUDA machine runs with the PyTorch backend, executed here on CPU tensors."""
     import torch

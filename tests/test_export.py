@@ -234,6 +234,7 @@ def test_wrong_variant_checkpoint(trained_checkpoint, tmp_path):
         export_all(ExportOptions(variant="large", checkpoint=str(trained_checkpoint), out_dir=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_cli_export_without_tensorrt(tmp_path, synthetic_root):
     pytest.importorskip("onnxruntime")
     import importlib.util

@@ -81,6 +81,7 @@ def test_train_refuses_too_few_images(tmp_path, synthetic_root):
         train(items, classes, tmp_path / "x.pt")
 
 
+@pytest.mark.slow
 def test_cli_eval_trained_beats_untrained(tmp_path, trained_checkpoint):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "--checkpoint", str(trained_checkpoint), "--json", str(tmp_path / "t.json")])
