@@ -102,9 +102,10 @@ class Embedder:
         n = batch.shape[0]
         size = self.backend.padded_size(n)
         if size > n:
-            xp = self.xp
-            pad = xp.zeros((size - n, *batch.shape[1:]), dtype=xp.float32, device=self.array_device)
-            batch = xp.concat([batch, pad])
+            from han_edge.cuda import zeros          # (CuPy needs its device context; others take device=)
+
+            pad = zeros(self.xp, (size - n, *batch.shape[1:]), self.xp.float32, self.array_device)
+            batch = self.xp.concat([batch, pad])
         return self.backend.infer(batch)[:n, ...]
 
     # -- public API ------------------------------------------------------------------------------------
