@@ -27,14 +27,17 @@ def check_frame(frame) -> None:
         raise HanEdgeError(f"frame is empty: shape {tuple(shape)}")
 
 
-def clip_boxes(boxes, frame_hw: tuple[int, int]) -> np.ndarray:
+def clip_boxes(boxes, frame_hw: tuple[int, int], what: str = "boxes") -> np.ndarray:
     """Integer pixel boxes (host int64) clipped to the frame.
 
     Policy: a box partly outside the frame is clipped to it (detectors often overshoot the
     border); a box with no area inside the frame is rejected with an error naming it.
-    Boxes are a few numbers per person: they are checked on the host whatever their origin.
+    Boxes are a few numbers per person: they are checked (``validate.boxes_array``) on the host
+    whatever their origin.
     """
-    arr = _boxes_array(boxes)
+    from han_edge.validate import boxes_array
+
+    arr = boxes_array(boxes, what)
     h, w = frame_hw
     x1 = np.clip(np.floor(arr[:, 0]), 0, w)
     y1 = np.clip(np.floor(arr[:, 1]), 0, h)
@@ -43,18 +46,9 @@ def clip_boxes(boxes, frame_hw: tuple[int, int]) -> np.ndarray:
     empty = np.flatnonzero((x2 <= x1) | (y2 <= y1))
     if empty.size:
         i = int(empty[0])
-        raise HanEdgeError(f"box {i} {arr[i].tolist()} has no area inside the {w}x{h} frame "
+        raise HanEdgeError(f"{'' if what == 'boxes' else what + ': '}box {i} {arr[i].tolist()} has no area inside the {w}x{h} frame "
                            f"({empty.size} such box(es)); drop it before embedding")
     return np.stack([x1, y1, x2, y2], axis=1).astype(np.int64)
-
-
-def _boxes_array(boxes) -> np.ndarray:
-    from han_edge.arrays import to_numpy
-    from han_edge.validate import boxes_array
-
-    if not isinstance(boxes, (list, tuple, np.ndarray)):
-        boxes = to_numpy(boxes)             # boxes from a GPU detector: one small explicit copy
-    return boxes_array(boxes)
 
 
 def _source_coords(start: np.ndarray, length: np.ndarray, out_len: int):

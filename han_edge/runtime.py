@@ -87,10 +87,8 @@ class Embedder:
 
     def preprocess_frame(self, frame, boxes):
         """Network input for every box of one frame (no chunking: for benchmarks and inspection)."""
-        from han_edge.validate import boxes_array
-
         frame = self.upload(frame)
-        return self._crop(frame, clip_boxes(boxes_array(boxes), frame.shape[:2]))
+        return self._crop(frame, clip_boxes(boxes, frame.shape[:2]))
 
     def _crop(self, frame, boxes: np.ndarray):
         if self.on_host:
@@ -145,8 +143,6 @@ class Embedder:
         As DeepStream batches across streams: the boxes of all frames fill batches of ``max_batch``,
         and ``frame_index[i]`` says which frame feature ``i`` came from.
         """
-        from han_edge.validate import boxes_array
-
         if isinstance(frames, np.ndarray) and frames.ndim == 4:
             frames = list(frames)                            # a stack of same-sized frames
         if not isinstance(frames, (list, tuple)):
@@ -161,7 +157,7 @@ class Embedder:
         for i, (frame, boxes) in enumerate(zip(frames, boxes_per_frame)):
             frame = self.upload(frame, f"frame {i}")
             what = "boxes" if len(frames) == 1 else f"boxes of frame {i}"
-            clipped = clip_boxes(boxes_array(boxes, what), frame.shape[:2])
+            clipped = clip_boxes(boxes, frame.shape[:2], what)
             if len(clipped):
                 work.append((frame, clipped, i))
         index = np.concatenate([np.full(len(c), i, np.int64) for _, c, i in work]) if work else np.zeros(0, np.int64)
