@@ -15,10 +15,10 @@ _PID_CAM = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def _read_boxes(path: Path | None) -> dict | None:
-    """The boxes file checked against its schema (``validate.boxes_file``): key -> float64 (N, 4)."""
+    """The boxes file checked against its schema (``boxes.boxes_file``): key -> float64 (N, 4)."""
     if path is None:
         return None
-    from han_edge.validate import boxes_file
+    from han_edge.boxes import boxes_file
 
     return boxes_file(path)
 
@@ -36,7 +36,7 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
     Crops of several images / frames share inference batches (``Embedder.embed_frames``); features go
     into the gallery on the embedder's device (or into ``gallery``, e.g. a Milvus one).
     """
-    from han_edge.validate import frame_keys, missing_frames, unmatched_keys
+    from han_edge.boxes import frame_keys, missing_frames, unmatched_keys
 
     embedder = Embedder(model_path)
     boxes = _read_boxes(boxes_path)

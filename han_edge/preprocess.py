@@ -32,10 +32,10 @@ def clip_boxes(boxes, frame_hw: tuple[int, int], what: str = "boxes") -> np.ndar
 
     Policy: a box partly outside the frame is clipped to it (detectors often overshoot the
     border); a box with no area inside the frame is rejected with an error naming it.
-    Boxes are a few numbers per person: they are checked (``validate.boxes_array``) on the host
+    Boxes are a few numbers per person: they are checked (``boxes.boxes_array``) on the host
     whatever their origin.
     """
-    from han_edge.validate import boxes_array
+    from han_edge.boxes import boxes_array
 
     arr = boxes_array(boxes, what)
     h, w = frame_hw

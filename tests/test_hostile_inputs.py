@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from han_edge import boxes as box_schema
 from han_edge import validate
 from han_edge.config import HANConfig, config_from_metadata, get_config, model_metadata
 from han_edge.errors import HanEdgeError
@@ -49,7 +50,7 @@ hostile = json_values | st.tuples(json_values) | st.binary(max_size=8) | st.sets
 @given(hostile)
 def test_boxes_array_never_raises_anything_else(value):
     try:
-        out = validate.boxes_array(value)
+        out = box_schema.boxes_array(value)
     except HanEdgeError as err:
         assert one_sentence(str(err)), str(err)
         return
@@ -62,7 +63,7 @@ finite_floats = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6,
 @FAST
 @given(st.lists(st.lists(finite_floats | st.integers(-10**6, 10**6), min_size=4, max_size=4), max_size=20))
 def test_valid_boxes_round_trip(boxes):
-    out = validate.boxes_array(boxes)
+    out = box_schema.boxes_array(boxes)
     assert out.shape == (len(boxes), 4)
     np.testing.assert_array_equal(out, np.array(boxes, np.float64).reshape(-1, 4))
 
@@ -89,12 +90,12 @@ def test_valid_boxes_round_trip(boxes):
     (np.ones((2, 4), bool), "must hold numbers"),
 ])
 def test_bad_boxes_name_the_box(boxes, match):
-    refused(match, validate.boxes_array, boxes)
+    refused(match, box_schema.boxes_array, boxes)
 
 
 def test_empty_boxes_are_an_empty_result():
     for empty in ([], (), np.zeros((0, 4)), np.zeros(0)):
-        assert validate.boxes_array(empty).shape == (0, 4)
+        assert box_schema.boxes_array(empty).shape == (0, 4)
 
 
 # -- boxes files ---------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_boxes_file_of_any_bytes(tmp_path_factory, raw):
     path = tmp_path_factory.mktemp("b") / "boxes.json"
     path.write_bytes(raw)
     try:
-        boxes = validate.boxes_file(path)
+        boxes = box_schema.boxes_file(path)
     except HanEdgeError as err:
         assert one_sentence(str(err)), str(err)
         return
@@ -129,30 +130,30 @@ def test_boxes_file_of_any_bytes(tmp_path_factory, raw):
 def test_bad_boxes_files(tmp_path, raw, match):
     path = tmp_path / "boxes.json"
     path.write_bytes(raw)
-    refused(match, validate.boxes_file, path)
+    refused(match, box_schema.boxes_file, path)
 
 
 def test_boxes_file_paths_and_bom(tmp_path):
-    refused("is a directory", validate.boxes_file, tmp_path)
-    refused("not found", validate.boxes_file, tmp_path / "missing.json")
+    refused("is a directory", box_schema.boxes_file, tmp_path)
+    refused("not found", box_schema.boxes_file, tmp_path / "missing.json")
     path = tmp_path / "b.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a.jpg": [[0, 0, 1, 2]], "b.jpg": []}).encode())   # UTF-8 BOM
-    boxes = validate.boxes_file(path)
+    boxes = box_schema.boxes_file(path)
     assert boxes["a.jpg"].tolist() == [[0, 0, 1, 2]] and boxes["b.jpg"].shape == (0, 4)
 
 
 def test_boxes_for_images_and_frames_that_do_not_exist():
     boxes = {"a.jpg": np.zeros((1, 4)), "typo.jpg": np.zeros((1, 4))}
-    validate.unmatched_keys({"a.jpg": 1}, ["a.jpg", "b.jpg"])
-    refused("names 1 image not among the images in crops/: typo.jpg", validate.unmatched_keys, boxes,
+    box_schema.unmatched_keys({"a.jpg": 1}, ["a.jpg", "b.jpg"])
+    refused("names 1 image not among the images in crops/: typo.jpg", box_schema.unmatched_keys, boxes,
             ["a.jpg", "b.jpg"], "boxes file", "the images in crops/")
-    frames = validate.frame_keys({"0": 1, "007": 2, " 12 ": 3})
+    frames = box_schema.frame_keys({"0": 1, "007": 2, " 12 ": 3})
     assert frames == {0: 1, 7: 2, 12: 3}
-    refused("key 'first' is not a frame index", validate.frame_keys, {"first": 1})
-    refused("key '-1' is not a frame index", validate.frame_keys, {"-1": 1})
-    refused("frame 7 is given twice", validate.frame_keys, {"7": 1, "07": 2})
-    validate.missing_frames([0, 9], 10)
-    refused("boxes for frames 10, 300 but the video has 10 frames", validate.missing_frames, [3, 10, 300], 10)
+    refused("key 'first' is not a frame index", box_schema.frame_keys, {"first": 1})
+    refused("key '-1' is not a frame index", box_schema.frame_keys, {"-1": 1})
+    refused("frame 7 is given twice", box_schema.frame_keys, {"7": 1, "07": 2})
+    box_schema.missing_frames([0, 9], 10)
+    refused("boxes for frames 10, 300 but the video has 10 frames", box_schema.missing_frames, [3, 10, 300], 10)
 
 
 # -- ids, k, dims --------------------------------------------------------------------------------------------
