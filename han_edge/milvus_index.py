@@ -15,12 +15,10 @@ conventions (``han_edge.indexes``) are kept here, not left to Milvus:
 - rows with fewer than k candidates are padded with id -1 / distance inf;
 - consistency level "Strong": a search sees every add/remove that returned before it.
 
-pymilvus (and milvus-lite for local files) are imported here only: ``pip install 'han-edge[milvus]'``.
+pymilvus (and milvus-lite) are imported lazily through ``han_edge.milvus_client``: ``pip install 'han-edge[milvus]'``.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import re
 import threading
@@ -28,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.errors import HanEdgeError, MissingDependencyError
+from han_edge.errors import HanEdgeError
 from han_edge.indexes import Entries, VectorIndex, pad_results, recent_mask
+from han_edge.milvus_client import first_line, lite_acquire, lite_release, import_pymilvus, quiet_pymilvus, is_remote
 
 METRICS = {"l2": "L2", "cosine": "COSINE"}
 INDEX_TYPES = ("flat", "hnsw")
@@ -39,24 +38,6 @@ _BATCH = 2000              # rows per insert / ids per delete expression
 _MAX_QUERIES = 256         # queries per search call to a Milvus server
 _LITE_QUERIES = 8          # ... to Milvus Lite with an HNSW index (its unsealed rows are brute-forced)
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-
-
-def _pymilvus():
-    try:
-        import pymilvus
-    except ImportError:
-        raise MissingDependencyError("the Milvus gallery needs pymilvus and milvus-lite: "
-                                     "pip install 'han-edge[milvus]'") from None
-    return pymilvus
-
-
-def is_remote(uri: str) -> bool:
-    return str(uri).startswith(("http://", "https://", "tcp://", "grpc://"))
-
-
-def _first_line(err) -> str:
-    text = getattr(err, "message", None) or str(err) or type(err).__name__
-    return str(text).strip().splitlines()[0][:200]
 
 
 class MilvusIndex(VectorIndex):
@@ -92,19 +73,19 @@ class MilvusIndex(VectorIndex):
         self.timeout_s = float(timeout_s)
         self.uri = self._check_uri(uri)
         self._lock = threading.Lock()
-        pymilvus = _pymilvus()
+        pymilvus = import_pymilvus()
         self.client = None
         self._lite_path = None if is_remote(self.uri) else str(Path(self.uri).resolve())
-        _lite_acquire(self._lite_path)
+        lite_acquire(self._lite_path)
         try:
-            with _quiet_pymilvus():
+            with quiet_pymilvus():
                 self.client = pymilvus.MilvusClient(uri=self.uri, token=token, timeout=self.timeout_s)
         except Exception as err:
-            _lite_release(self._lite_path)
+            lite_release(self._lite_path)
             if self._lite_path:
-                raise HanEdgeError(f"cannot open Milvus Lite file {self.uri} ({_first_line(err)}); Milvus Lite lets "
+                raise HanEdgeError(f"cannot open Milvus Lite file {self.uri} ({first_line(err)}); Milvus Lite lets "
                                    "one process open a file at a time: is another process using it?") from None
-            raise HanEdgeError(f"cannot reach Milvus at {self.uri}: {_first_line(err)}") from None
+            raise HanEdgeError(f"cannot reach Milvus at {self.uri}: {first_line(err)}") from None
         try:
             self._open_collection(pymilvus)
         except BaseException:
@@ -130,12 +111,12 @@ class MilvusIndex(VectorIndex):
     def _call(self, what: str, fn, *args, **kwargs):
         """A client call; any client/server error becomes one sentence naming the operation."""
         try:
-            with _quiet_pymilvus():
+            with quiet_pymilvus():
                 return fn(*args, **kwargs)
         except HanEdgeError:
             raise
         except Exception as err:
-            raise HanEdgeError(f"Milvus at {self.uri} failed to {what}: {_first_line(err)}") from None
+            raise HanEdgeError(f"Milvus at {self.uri} failed to {what}: {first_line(err)}") from None
 
     def _open_collection(self, pymilvus) -> None:
         client, name = self.client, self.collection
@@ -265,7 +246,7 @@ class MilvusIndex(VectorIndex):
     def _scan(self, fields: list[str]) -> dict[str, np.ndarray]:
         """Every entry's ``fields``, in insertion (primary-key) order."""
         out = {f: [] for f in fields}
-        with _quiet_pymilvus():
+        with quiet_pymilvus():
             self._scan_into(out, fields)
         dtypes = {"pk": np.int64, "pid": np.int64, "cam": np.int64, "time": np.float64, "feat": np.float32}
         arrays = {f: np.asarray(v, dtypes[f]) for f, v in out.items()}
@@ -344,58 +325,13 @@ class MilvusIndex(VectorIndex):
                 client.close()
             except Exception:
                 pass
-            _lite_release(self._lite_path)
+            lite_release(self._lite_path)
 
     def __enter__(self) -> "MilvusIndex":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# Milvus Lite runs its server in threads of this process, one per file, until process exit unless released:
-# count the open indexes per file and release the server (and its file lock) when the last one closes,
-# so a reopened index (or another process) sees the file as written.
-_LITE_USERS: dict[str, int] = {}
-_LITE_LOCK = threading.Lock()
-
-
-def _lite_acquire(path: str | None) -> None:
-    if path is not None:
-        with _LITE_LOCK:
-            _LITE_USERS[path] = _LITE_USERS.get(path, 0) + 1
-
-
-def _lite_release(path: str | None) -> None:
-    if path is None:
-        return
-    with _LITE_LOCK:
-        left = _LITE_USERS.get(path, 0) - 1
-        if left > 0:
-            _LITE_USERS[path] = left
-            return
-        _LITE_USERS.pop(path, None)
-        try:
-            from milvus_lite.server_manager import server_manager_instance
-        except ImportError:
-            return
-        with _quiet_pymilvus():
-            server_manager_instance.release_server(path)
-
-
-@contextlib.contextmanager
-def _quiet_pymilvus():
-    """pymilvus / milvus-lite log each failed call with a traceback (we raise one sentence instead), and a
-    query-iterator scan on Milvus Lite logs a warning and an unimplemented-RPC error (AllocTimestamp)."""
-    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite", "grpc._server")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _metric_name(milvus_metric: str) -> str:

@@ -1,0 +1,75 @@
+"""The Milvus client environment for ``milvus_index``: the lazy pymilvus import, URI kinds, one-line
+errors, quiet client logs, and the per-file bookkeeping of Milvus Lite's embedded server.
+
+pymilvus (and milvus-lite for local files) are imported here only: ``pip install 'han-edge[milvus]'``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+from han_edge.errors import MissingDependencyError
+
+
+def import_pymilvus():
+    try:
+        import pymilvus
+    except ImportError:
+        raise MissingDependencyError("the Milvus gallery needs pymilvus and milvus-lite: "
+                                     "pip install 'han-edge[milvus]'") from None
+    return pymilvus
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith(("http://", "https://", "tcp://", "grpc://"))
+
+
+def first_line(err) -> str:
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    return str(text).strip().splitlines()[0][:200]
+
+
+# Milvus Lite runs its server in threads of this process, one per file, until process exit unless released:
+# count the open indexes per file and release the server (and its file lock) when the last one closes,
+# so a reopened index (or another process) sees the file as written.
+_LITE_USERS: dict[str, int] = {}
+_LITE_LOCK = threading.Lock()
+
+
+def lite_acquire(path: str | None) -> None:
+    if path is not None:
+        with _LITE_LOCK:
+            _LITE_USERS[path] = _LITE_USERS.get(path, 0) + 1
+
+
+def lite_release(path: str | None) -> None:
+    if path is None:
+        return
+    with _LITE_LOCK:
+        left = _LITE_USERS.get(path, 0) - 1
+        if left > 0:
+            _LITE_USERS[path] = left
+            return
+        _LITE_USERS.pop(path, None)
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:
+            return
+        with quiet_pymilvus():
+            server_manager_instance.release_server(path)
+
+
+@contextlib.contextmanager
+def quiet_pymilvus():
+    """pymilvus / milvus-lite log each failed call with a traceback (we raise one sentence instead), and a
+    query-iterator scan on Milvus Lite logs a warning and an unimplemented-RPC error (AllocTimestamp)."""
+    loggers = [logging.getLogger(name) for name in ("pymilvus", "milvus_lite", "grpc._server")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
