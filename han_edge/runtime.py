@@ -37,7 +37,7 @@ class Embedder:
                                    f"not to an opened Backend")
             self.backend = model
         else:
-            self.backend = open_backend(model, **_backend_options(model, backend_options))
+            self.backend = open_backend(model, **_backend_options(backend_options))
         self.config: HANConfig = self.backend.config
         self.precision: str = self.backend.precision
         self.max_batch = min(max_batch or self.backend.max_batch, self.backend.max_batch)
@@ -227,7 +227,7 @@ def _describe(value) -> str:
     return describe(value)
 
 
-def _backend_options(model, options: dict) -> dict:
+def _backend_options(options: dict) -> dict:
     """The options every backend shares, checked before any file is opened (one sentence each)."""
     import math
     import numbers
@@ -247,19 +247,4 @@ def _backend_options(model, options: dict) -> dict:
         if not timeout > 0 or math.isinf(timeout):
             raise HanEdgeError(f"timeout_s must be a positive number of seconds; got {timeout}")
         out["timeout_s"] = timeout
-    if out.get("providers") is not None:
-        providers = out["providers"]
-        if not isinstance(providers, (list, tuple)) or not providers or \
-                not all(isinstance(p, str) and p for p in providers):
-            raise HanEdgeError(f"providers must be a non-empty list of ONNX Runtime provider names such as "
-                               f"['CPUExecutionProvider']; got {providers!r:.60}")
-        if str(model).lower().endswith(".onnx"):
-            import onnxruntime as ort
-
-            available = ort.get_available_providers()
-            unknown = [p for p in providers if p not in available]
-            if unknown:
-                raise HanEdgeError(f"ONNX Runtime provider(s) {', '.join(unknown)} are not available here; "
-                                   f"available: {', '.join(available)}")
-        out["providers"] = list(providers)
     return out

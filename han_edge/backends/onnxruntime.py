@@ -17,8 +17,17 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_batch: int | None = None):
         import onnxruntime as ort
 
+        available = ort.get_available_providers()
         if providers is None:
-            providers = [p for p in (CUDA_PROVIDER, "CPUExecutionProvider") if p in ort.get_available_providers()]
+            providers = [p for p in (CUDA_PROVIDER, "CPUExecutionProvider") if p in available]
+        elif not isinstance(providers, (list, tuple)) or not providers or \
+                not all(isinstance(p, str) and p for p in providers):
+            raise HanEdgeError(f"providers must be a non-empty list of ONNX Runtime provider names such as "
+                               f"['CPUExecutionProvider']; got {providers!r:.60}")
+        elif unknown := [p for p in providers if p not in available]:     # ORT would fall back silently
+            raise HanEdgeError(f"ONNX Runtime provider(s) {', '.join(unknown)} are not available here; "
+                               f"available: {', '.join(available)}")
+        providers = list(providers)
         if CUDA_PROVIDER in providers:
             from han_edge.cuda import device_arrays, device_index
             from han_edge.errors import MissingDependencyError
