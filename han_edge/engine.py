@@ -16,9 +16,8 @@ from pathlib import Path
 from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
-TRT_HINT = ("install TensorRT 10 or 11 with its Python bindings for your CUDA major (x86-64: pip install tensorrt-cu12 "
-            "or tensorrt-cu13, i.e. 'han-edge[gpu-cu12]' / 'han-edge[gpu-cu13]'; Jetson: it ships with JetPack) on a "
-            "machine with an NVIDIA GPU; the exported .onnx files run on CPU with ONNX Runtime")
+TRT_HINT = ("pip install 'han-edge[gpu-cu12]' or '[gpu-cu13]' (TensorRT for your CUDA major; on a Jetson it ships "
+            "with JetPack) on an NVIDIA GPU machine; the .onnx files run on CPU with ONNX Runtime")
 
 
 def require_tensorrt():

@@ -18,7 +18,7 @@ def test_build_without_tensorrt_is_one_sentence(fresh_onnx, tmp_path):
     with pytest.raises(MissingDependencyError) as info:
         build_engine(onnx_path, tmp_path / "x.plan")
     message = str(info.value)
-    assert "needs TensorRT" in message and "pip install tensorrt" in message and "\n" not in message
+    assert "needs TensorRT" in message and "pip install 'han-edge[gpu-cu12]'" in message and "\n" not in message
     assert not (tmp_path / "x.plan").exists()
 
 
