@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from han_edge.bench import machine_description
-from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import export_fp16, export_fp32, load_batch
 from han_edge.fileio import write_json
 from han_edge.jobs import (
@@ -37,7 +36,7 @@ from han_edge.jobs import (
 )
 from han_edge.model import _base_grid
 from han_edge.onnx_io import ort_session, run_ort
-from han_edge.quantize import export_int8, scoring_session
+from han_edge.quantize import export_int8, held_out_accuracy
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -68,6 +67,7 @@ def export_variant(variant: str, checkpoint: str | None, out: Path, log) -> tupl
     trained = checkpoint is not None
     calib = load_batch(calibration_paths(None, 256 if trained else 128), config)
     held = load_batch(heldout_paths(256 if trained else 32), config)
+    analysis = load_batch(heldout_paths(256, offset=1), config) if trained else held   # as `han-edge export`
     paths, seconds, reports = {}, {}, {}
     old = load_torch_model(variant, checkpoint)[0]
     old.croppers = nn.ModuleList(OldRegionCropper(size, config.regions) for size in config.crop_sizes)
@@ -83,7 +83,7 @@ def export_variant(variant: str, checkpoint: str | None, out: Path, log) -> tupl
     for flavour, name in (("tensorrt", "int8"), ("cpu", "int8-cpu")):
         start = time.perf_counter()
         paths[name] = out / f"han_{variant}.{name}.onnx"
-        reports[name] = export_int8(paths["fp32"], paths[name], calib, held[:96], flavour=flavour,
+        reports[name] = export_int8(paths["fp32"], paths[name], calib, analysis, flavour=flavour,
                                     exclude=None if trained else [])
         seconds[name] = time.perf_counter() - start
         log(f"{variant} {name}: {seconds[name]:.0f} s, not INT8 {reports[name].excluded_groups or 'none'}, "
@@ -132,15 +132,10 @@ def accuracy(paths: dict, config, reports: dict) -> list[dict]:
     reference = run_ort(ort_session(paths["fp32"]), held)
     rows = []
     for name in ("int8", "int8-cpu"):
-        got = run_ort(ort_session(paths[name]), held)
         retrieval = compare_retrieval(paths["fp32"], paths[name])
-        row = {"kind": "accuracy", "precision": name, "centred_cosine": centred_cosine(reference, got),
-               "neighbour_agreement": neighbour_agreement(reference, got), **retrieval,
-               "excluded_groups": reports[name].excluded_groups, "fp32_nodes": reports[name].fp32_nodes}
-        if name == "int8":
-            file_feats = run_ort(scoring_session(paths[name], True), held)   # ORT without its FP16 bias rewrite
-            row["centred_cosine_file"] = centred_cosine(reference, file_feats)
-            row["neighbour_agreement_file"] = neighbour_agreement(reference, file_feats)
+        row = {"kind": "accuracy", "precision": name, **held_out_accuracy(reference, paths[name], held), **retrieval,
+               "excluded_groups": reports[name].excluded_groups, "fp32_nodes": reports[name].fp32_nodes,
+               "calibration": reports[name].method, "sensitivity": reports[name].sensitivity}
         rows.append(row)
         print(json.dumps(row))
     return rows

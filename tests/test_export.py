@@ -19,7 +19,7 @@ from han_edge.jobs import (
     heldout_paths,
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
-from han_edge.quantize import export_int8, layer_groups
+from han_edge.quantize import Int8Report, choose_exclusions, export_int8, layer_groups
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
@@ -33,7 +33,7 @@ FIXTURE_CENTRED, FIXTURE_NEIGHBOUR, FIXTURE_RANK1, FIXTURE_MAP = 0.985, 0.8, 0.0
 def exported(tmp_path_factory, trained_checkpoint):
     out = tmp_path_factory.mktemp("export")
     result = export_all(ExportOptions(checkpoint=str(trained_checkpoint), fp16=True, int8=True, calib_size=128,
-                                      out_dir=str(out)), log=lambda *_: None)
+                                      int8_min_agreement=FIXTURE_NEIGHBOUR, out_dir=str(out)), log=lambda *_: None)
     return out, result
 
 
@@ -210,6 +210,25 @@ def test_sensitivity_analysis_keeps_worst_groups_out_of_int8(exported, tmp_path)
     model = load_onnx(tmp_path / "m.int8.onnx")
     assert json.loads(onnx_metadata(model)["han_edge.int8_excluded"]) == worst
     assert float32_tensors(model, report.fp32_nodes) == []        # excluded groups run in FP16, not FP32
+
+
+def test_sensitivity_analysis_stops_only_when_neighbours_agree_too():
+    """The cosine bar alone is met at once here; exclusions go on until the agreement bar is met."""
+    cost = {"a": 0.004, "b": 0.003, "c": 0.002, "d": 0.001}     # cosine each group loses quantised alone
+    calls = []
+
+    def score(excluded):
+        calls.append(list(excluded))
+        cosine = 1 - sum(v for g, v in cost.items() if g not in excluded)
+        return cosine, 0.9 + 0.02 * len(excluded)                # agreement >= 0.95 from 3 exclusions
+
+    report = Int8Report("cpu", "minmax", 8, [])
+    choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=4, report=report)
+    assert report.sensitivity == pytest.approx(cost)
+    assert report.excluded_groups == ["a", "b", "c"]            # worst cosine first, stopped at 0.96 agreement
+    report = Int8Report("cpu", "minmax", 8, [])
+    choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2, report=report)
+    assert report.excluded_groups == ["a", "b"]                 # the cap holds even with the bar unmet
 
 
 def test_clear_errors(tmp_path, synthetic_root):
