@@ -8,11 +8,17 @@ weights, biases in float) places the Q/DQ nodes; the flavours differ in where:
   placement rules: quantise all inputs of weighted layers, leave their outputs alone, and let
   TensorRT fuse each DQ into its Conv/Gemm together with the bias and ReLU after it; no float Concat
   carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19.
-* ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid
-  and Mul between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
-  ``QLinearConv`` (integer in, integer out, ReLU folded into the output range) and the attention
-  into ``QLinearSigmoid``/``QLinearMul``. With Conv outputs excluded from quantisation (the
-  earlier placement), ORT could fuse only 22 of the 40 convolutions and ran slower than FP32.
+* ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid,
+  Mul and Add between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
+  ``QLinearConv`` (integer in, integer out, ReLU folded into the output range), the attention into
+  ``QLinearSigmoid``/``QLinearMul`` and the local stream's residual sums into ``QLinearAdd``. With
+  Conv outputs excluded from quantisation (the earlier placement), ORT could fuse only 22 of the 40
+  convolutions and ran slower than FP32.
+
+In both, the hard attention's sampling grid (``sampling_grid_nodes``: the regression layer of the
+transform, its Tanh and the grid arithmetic) stays in float: it is a few hundred FLOPs per image,
+and 8-bit sampling positions move every regional crop (quantising the grid's Add into ``QLinearAdd``
+cost centred cosine and ran slower).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
+from han_edge.int8_layers import WEIGHTED_OPS, choose_exclusions, layer_groups, sampling_grid_nodes
 from han_edge.onnx_io import (
     INPUT,
     ORT_FP16_ARTEFACTS,
@@ -62,11 +69,10 @@ INT8_FLAVOURS = {
     "tensorrt": Int8Flavour("tensorrt", "int8", activation_symmetric=True, unsigned_activations=False,
                             op_types=("Conv", "Gemm"), quantize_outputs=False, fp16_float=True),
     "cpu": Int8Flavour("cpu", "int8-cpu", activation_symmetric=False, unsigned_activations=True,
-                       op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul"), quantize_outputs=True, fp16_float=False),
+                       op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul", "Add"), quantize_outputs=True,
+                       fp16_float=False),
 }
 CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
-WEIGHTED_OPS = ("Conv", "Gemm")
-QUANTIZED_OPS = ("Conv", "Gemm", "Relu", "Sigmoid", "Mul")
 FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op types are kept in FP32
 
 
@@ -88,31 +94,6 @@ class ImageReader:
 
     def __len__(self):
         return len(self.batch)
-
-
-def layer_groups(model) -> dict[str, list[str]]:
-    """Quantisable nodes grouped by network part and conv kind, e.g. ``blocks.1:dw``, ``attention.2``.
-
-    A Conv/Gemm is grouped by its name's first part (``:dw``/``:pw`` for the units' depthwise and
-    pointwise convs); a ReLU, Sigmoid or Mul joins the group of the node producing its first input,
-    so excluding a group keeps a conv and its activation in float together.
-    """
-    groups: dict[str, list[str]] = {}
-    group_of: dict[str, str] = {}   # tensor -> group of its producer
-    for node in model.graph.node:
-        if node.op_type not in QUANTIZED_OPS:
-            continue
-        part = node.name.strip("/").split("/")[0] or node.name
-        if node.op_type in WEIGHTED_OPS:
-            if part.startswith(("blocks.", "local_units.")) and node.op_type == "Conv":
-                depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
-                part += ":dw" if depthwise else ":pw"
-        else:
-            part = group_of.get(node.input[0], part)
-        groups.setdefault(part, []).append(node.name)
-        for out in node.output:
-            group_of[out] = part
-    return groups
 
 
 def scoring_session(path, without_fp16_artefacts: bool):
@@ -253,8 +234,10 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
             source = tmp / "source.onnx"
             onnx.save(to_opset(fp32_model, FP16_OPSET), str(source))
 
+        grid = sampling_grid_nodes(fp32_model)
+
         def build(excluded_groups: list[str]):
-            nodes = [n for g in excluded_groups for n in groups[g]]
+            nodes = grid + [n for g in excluded_groups for n in groups[g]]
             return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
 
         def features(model) -> np.ndarray:
@@ -274,7 +257,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         else:
             cosine, agreement = score([])
             if cosine < target or agreement < min_agreement:
-                choose_exclusions(score, list(groups), (target, min_agreement), max_excluded, report, progress)
+                report.sensitivity, report.excluded_groups = choose_exclusions(
+                    score, list(groups), (target, min_agreement), max_excluded, progress)
         final = build(report.excluded_groups)
         if spec.fp16_float:
             report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
@@ -291,24 +275,5 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         setattr(report, key, value)
     if not spec.fp16_float:
         counts = ort_optimized_op_counts(path)
-        report.ort_ops = {op: counts.get(op, 0) for op in ("QLinearConv", "QGemm", "Conv", "FusedConv")}
+        report.ort_ops = {op: counts.get(op, 0) for op in ("QLinearConv", "QGemm", "QLinearAdd", "Conv", "FusedConv")}
     return report
-
-
-def choose_exclusions(score, groups: list[str], targets: tuple[float, float], max_excluded: int,
-                      report: Int8Report, progress=None) -> None:
-    """Sensitivity analysis: quantise each group alone, then keep the worst out of INT8 until ``targets``.
-
-    ``score(excluded_groups)`` is (centred cosine, nearest-neighbour agreement) against FP32 with
-    those groups left unquantised; groups are ranked by the cosine they lose alone (the agreement
-    of one group alone is too coarse to rank by), and both ``targets`` must be met to stop.
-    """
-    for i, group in enumerate(groups):
-        report.sensitivity[group] = 1 - score([g for g in groups if g != group])[0]
-        if progress:
-            progress(i + 1, len(groups))
-    ranked = sorted(report.sensitivity, key=report.sensitivity.get, reverse=True)
-    for group in ranked[:max_excluded]:
-        report.excluded_groups.append(group)
-        if all(got >= want for got, want in zip(score(report.excluded_groups), targets)):
-            break

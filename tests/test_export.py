@@ -19,7 +19,8 @@ from han_edge.jobs import (
     heldout_paths,
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
-from han_edge.quantize import Int8Report, choose_exclusions, export_int8, layer_groups
+from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
+from han_edge.quantize import export_int8
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
@@ -96,6 +97,20 @@ def test_fp16_model(exported, heldout):
     assert centred_cosine(ref, got) >= 0.999
 
 
+def _assert_sampling_grid_float(model, fp32_model):
+    """The hard attention's transform regression and grid arithmetic: float weights, no Q on their outputs."""
+    grid = sampling_grid_nodes(fp32_model)
+    assert sum(name.endswith("Gemm") for name in grid) == 3 and any(name.endswith("Add") for name in grid)
+    nodes = {n.name: n for n in model.graph.node}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+    for name in (g for g in grid if g in nodes):
+        node = nodes[name]
+        assert all(consumers.get(o) != "QuantizeLinear" for o in node.output), name
+        if node.op_type in ("Gemm", "Conv"):
+            assert producers.get(node.input[1]) != "DequantizeLinear", name
+
+
 def _quantizers(model):
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     return [n for n in model.graph.node if n.op_type == "QuantizeLinear"], inits
@@ -140,6 +155,7 @@ def test_int8_tensorrt_flavour_is_int8_plus_fp16(exported):
     assert all(consumers.get(c.output[0]) != "QuantizeLinear" for c in convs)
     for node in (n for n in model.graph.node if n.op_type == "GridSample"):
         assert getattr(producers.get(node.input[1]), "op_type", None) not in ("DequantizeLinear", "QuantizeLinear")
+    _assert_sampling_grid_float(model, load_onnx(out / "han_small.onnx"))
 
 
 @pytest.mark.slow
@@ -162,8 +178,11 @@ def test_int8_cpu_flavour_runs_integer_kernels(exported, cpu_exported):
     counts = ort_optimized_op_counts(path)
     assert counts.get("QLinearConv", 0) == fp32_convs
     assert counts.get("Conv", 0) == counts.get("FusedConv", 0) == 0
-    assert counts.get("QGemm", 0) == 5 and counts.get("Gemm", 0) == counts.get("FusedGemm", 0) == 0
-    assert report.ort_ops["QLinearConv"] == fp32_convs
+    # 2 of 5 Gemms integer: the 3 hard-attention transform regressors stay float, like the grid they feed
+    assert counts.get("QGemm", 0) == 2 and counts.get("Gemm", 0) + counts.get("FusedGemm", 0) == 3
+    assert counts.get("QLinearAdd", 0) == 2                # the local stream's residual sums, not the grid's Add
+    _assert_sampling_grid_float(load_onnx(path), load_onnx(out / "han_small.onnx"))
+    assert report.ort_ops["QLinearConv"] == fp32_convs and report.ort_ops["QLinearAdd"] == 2
     # and the FP32 file itself runs float convolutions (the counter is not vacuous)
     assert ort_optimized_op_counts(out / "han_small.onnx").get("QLinearConv", 0) == 0
     assert report.centred_cosine >= FIXTURE_CENTRED and report.neighbour_agreement >= FIXTURE_NEIGHBOUR
@@ -222,13 +241,10 @@ def test_sensitivity_analysis_stops_only_when_neighbours_agree_too():
         cosine = 1 - sum(v for g, v in cost.items() if g not in excluded)
         return cosine, 0.9 + 0.02 * len(excluded)                # agreement >= 0.95 from 3 exclusions
 
-    report = Int8Report("cpu", "minmax", 8, [])
-    choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=4, report=report)
-    assert report.sensitivity == pytest.approx(cost)
-    assert report.excluded_groups == ["a", "b", "c"]            # worst cosine first, stopped at 0.96 agreement
-    report = Int8Report("cpu", "minmax", 8, [])
-    choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2, report=report)
-    assert report.excluded_groups == ["a", "b"]                 # the cap holds even with the bar unmet
+    sensitivity, excluded = choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=4)
+    assert sensitivity == pytest.approx(cost)
+    assert excluded == ["a", "b", "c"]                  # worst cosine first, stopped at 0.96 agreement
+    assert choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2)[1] == ["a", "b"]   # the cap holds
 
 
 def test_clear_errors(tmp_path, synthetic_root):

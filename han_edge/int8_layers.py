@@ -1,0 +1,74 @@
+"""Where INT8 goes: the quantisable layer groups, the float-only sampling grid, the exclusion search.
+
+Plain functions over ONNX graphs and a scoring callback, apart from the quantiser that uses them
+(``han_edge.quantize``), so the placement rules can be read and tested on their own.
+"""
+from __future__ import annotations
+
+WEIGHTED_OPS = ("Conv", "Gemm")
+QUANTIZED_OPS = ("Conv", "Gemm", "Relu", "Sigmoid", "Mul", "Add")
+
+
+def sampling_grid_nodes(model) -> list[str]:
+    """Nodes computing GridSample's sampling grid, back to and including the layer that regresses it."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    found: list[str] = []
+    for sampler in (n for n in model.graph.node if n.op_type == "GridSample"):
+        stack = [sampler.input[1]]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is None or node.name in found:
+                continue
+            found.append(node.name)
+            if node.op_type not in WEIGHTED_OPS:
+                stack += list(node.input)
+    return found
+
+
+def layer_groups(model) -> dict[str, list[str]]:
+    """Quantisable nodes grouped by network part and conv kind, e.g. ``blocks.1:dw``, ``attention.2``.
+
+    A Conv/Gemm is grouped by its name's first part (``:dw``/``:pw`` for the units' depthwise and
+    pointwise convs); a ReLU, Sigmoid, Mul or Add joins the group of the first of its inputs made by
+    a grouped node, so excluding a group keeps a conv and its activation in float together. The
+    sampling grid (``sampling_grid_nodes``) is never quantised and belongs to no group.
+    """
+    groups: dict[str, list[str]] = {}
+    group_of: dict[str, str] = {}   # tensor -> group of its producer
+    grid = set(sampling_grid_nodes(model))
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS or node.name in grid:
+            continue
+        part = node.name.strip("/").split("/")[0] or node.name
+        if node.op_type in WEIGHTED_OPS:
+            if part.startswith(("blocks.", "local_units.")) and node.op_type == "Conv":
+                depthwise = any(a.name == "group" and a.i > 1 for a in node.attribute)
+                part += ":dw" if depthwise else ":pw"
+        else:
+            part = next((group_of[i] for i in node.input if i in group_of), part)
+        groups.setdefault(part, []).append(node.name)
+        for out in node.output:
+            group_of[out] = part
+    return groups
+
+
+def choose_exclusions(score, groups: list[str], targets: tuple[float, float], max_excluded: int,
+                      progress=None) -> tuple[dict[str, float], list[str]]:
+    """Sensitivity analysis: quantise each group alone, then keep the worst out of INT8 until ``targets``.
+
+    ``score(excluded_groups)`` is (centred cosine, nearest-neighbour agreement) against FP32 with
+    those groups left unquantised; groups are ranked by the cosine they lose alone (the agreement
+    of one group alone is too coarse to rank by), and both ``targets`` must be met to stop.
+    Returns ({group: cosine lost quantised alone}, groups to keep in float).
+    """
+    sensitivity: dict[str, float] = {}
+    for i, group in enumerate(groups):
+        sensitivity[group] = 1 - score([g for g in groups if g != group])[0]
+        if progress:
+            progress(i + 1, len(groups))
+    excluded: list[str] = []
+    for group in sorted(sensitivity, key=sensitivity.get, reverse=True)[:max_excluded]:
+        excluded.append(group)
+        if all(got >= want for got, want in zip(score(excluded), targets)):
+            break
+    return sensitivity, excluded
