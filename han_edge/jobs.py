@@ -89,7 +89,7 @@ class ExportOptions:
     int8: bool = False
     int8_target: str = "tensorrt"
     int8_exclude: list[str] | None = None
-    calibration: str = "minmax"
+    calibration: str = "percentile"
     int8_min_agreement: float = 0.95   # nearest-neighbour agreement the sensitivity analysis must reach
     calib_dir: str | None = None
     calib_size: int = 256

@@ -20,7 +20,7 @@ from han_edge.jobs import (
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
 from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
-from han_edge.quantize import export_int8
+from han_edge.quantize import INT8_FLAVOURS, export_int8, quantize
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
@@ -245,6 +245,15 @@ def test_sensitivity_analysis_stops_only_when_neighbours_agree_too():
     assert sensitivity == pytest.approx(cost)
     assert excluded == ["a", "b", "c"]                  # worst cosine first, stopped at 0.96 agreement
     assert choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2)[1] == ["a", "b"]   # the cap holds
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_any_number_of_images(fresh_onnx, tmp_path, method):
+    """33 images = a chunk of 32 and 1: ORT's histogram calibrators need batches of one size."""
+    _, path = fresh_onnx
+    calib = np.random.default_rng(0).normal(size=(33, 3, 160, 64)).astype(np.float32)
+    out = quantize(path, tmp_path / "q.onnx", calib, INT8_FLAVOURS["cpu"], method, [], tmp_path / "c.json")
+    assert sum(n.op_type == "QuantizeLinear" for n in load_onnx(out).graph.node) > 20
 
 
 def test_clear_errors(tmp_path, synthetic_root):
