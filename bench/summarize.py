@@ -115,9 +115,10 @@ def _export_sections(export: dict) -> list[str]:
                 "Held-out crops (256 synthetic query/gallery images) and the synthetic test set (181 queries x "
                 "393 gallery), through the runtime (ONNX Runtime CPU as han-edge configures it).", "",
                 table(["flavour", "calibration", "centred cosine", "NN agreement", "rank-1 FP32 -> INT8",
-                       "mAP FP32 -> INT8", "not INT8", "kept FP32"],
+                       "rank-1 hits gained / lost", "mAP FP32 -> INT8", "not INT8", "kept FP32"],
                       [[r["precision"], r.get("calibration", "percentile"), f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
                         f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
+                        "{gained} / {lost}".format(**r["rank1_changed"]) if "rank1_changed" in r else "",
                         f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}",
                         ", ".join(r["excluded_groups"]) or "none", len(r["fp32_nodes"]) or "none"] for r in accuracy]), ""]
         trt = [r for r in accuracy if r.get("centred_cosine_ort_default") is not None]

@@ -31,7 +31,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         raise HanEdgeError("pid/camera arrays do not match the distance matrix shape")
     max_rank = min(max_rank, num_g)
     cmc_hits = np.zeros(max_rank, np.float64)
-    aps = []
+    aps, first_ranks = [], []
     for start in range(0, num_q, chunk):          # chunks bound memory to chunk x G arrays
         stop = min(start + chunk, num_q)
         order = np.argsort(distmat[start:stop], axis=1, kind="stable")
@@ -45,6 +45,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
         first = np.argmax(matches, axis=1)
         first_rank = kept_pos[np.arange(stop - start), first] - 1
         ranks = first_rank[valid]
+        first_ranks.append(ranks)
         cmc_hits += (ranks[:, None] <= np.arange(max_rank)[None, :]).sum(0)
         precision = np.cumsum(matches, axis=1) / np.maximum(kept_pos, 1)
         aps.append((precision * matches).sum(1)[valid] / num_rel[valid])
@@ -55,6 +56,7 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     cmc = cmc_hits / num_valid
     return {"rank1": float(cmc[0]), "rank5": float(cmc[min(4, max_rank - 1)]),
             "rank10": float(cmc[min(9, max_rank - 1)]), "mAP": float(aps.mean()), "cmc": cmc,
+            "first_rank": np.concatenate(first_ranks),    # per scored query: 0-based rank of its first true match
             "num_valid_query": num_valid, "num_query": num_q, "num_skipped_query": num_q - num_valid}
 
 

@@ -141,7 +141,8 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
                 "han-edge's runtime turns off and TensorRT does not do")
         r = result["int8"]["retrieval"]
         log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
-            f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f}")
+            f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f} | rank-1 hits gained "
+            f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries")
     return result
 
 
@@ -170,10 +171,15 @@ def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
 
     data = load_dataset("synthetic", None)
     keys = ("rank1", "rank5", "mAP")
-    out = {}
+    out, hits = {}, {}
     for name, path in (("fp32", fp32_path), ("int8", other_path)):
         metrics = evaluate_model(path, data)
         out[name] = {k: metrics[k] for k in keys}
+        hits[name] = metrics["first_rank"] == 0
+    # Paired: queries whose rank-1 hit changed. A net change within about sqrt(gained + lost) queries
+    # is what that many coin flips give.
+    out["rank1_changed"] = {"gained": int((hits["int8"] & ~hits["fp32"]).sum()),
+                            "lost": int((hits["fp32"] & ~hits["int8"]).sum()), "queries": int(len(hits["fp32"]))}
     return out
 
 

@@ -7,7 +7,7 @@ from han_edge.evaluate import euclidean_squared, evaluate_rank, multi_query_feat
 
 def slow_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     """Obviously-correct loop: one query at a time, one gallery image at a time."""
-    cmc_sum, aps = np.zeros(max_rank), []
+    cmc_sum, aps, firsts = np.zeros(max_rank), [], []
     for q in range(distmat.shape[0]):
         order = np.argsort(distmat[q], kind="stable")
         ranked = [g for g in order
@@ -16,6 +16,7 @@ def slow_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
         if not any(hits):
             continue
         first = hits.index(True)
+        firsts.append(first)
         cmc_sum += np.array([1.0 if first <= k else 0.0 for k in range(max_rank)])
         found, precisions = 0, []
         for pos, hit in enumerate(hits, 1):
@@ -23,7 +24,7 @@ def slow_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
                 found += 1
                 precisions.append(found / pos)
         aps.append(np.mean(precisions))
-    return cmc_sum / len(aps), float(np.mean(aps)), len(aps)
+    return cmc_sum / len(aps), float(np.mean(aps)), len(aps), firsts
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -36,12 +37,13 @@ def test_evaluate_rank_matches_loop(seed):
     dist = rng.integers(0, 6, (nq, ng)).astype(np.float64)   # many ties
     q_pids[0] = 99                                   # a query with no true match: skipped
     result = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams, max_rank=20, chunk=7)
-    cmc, mAP, nvalid = slow_evaluate(dist, q_pids, g_pids, q_cams, g_cams, 20)
+    cmc, mAP, nvalid, firsts = slow_evaluate(dist, q_pids, g_pids, q_cams, g_cams, 20)
     assert result["num_valid_query"] == nvalid < nq
     assert result["num_skipped_query"] == nq - nvalid
     np.testing.assert_allclose(result["cmc"], cmc, atol=1e-6)
     assert abs(result["mAP"] - mAP) < 1e-6
     assert result["rank1"] == pytest.approx(cmc[0], abs=1e-6)
+    assert result["first_rank"].tolist() == firsts       # per scored query, in query order
 
 
 def test_perfect_ranking_scores_one():

@@ -86,7 +86,7 @@ def evaluate(
         result = evaluate_model(checkpoint, data, rerank, multi_query, progress=lambda n: bar.advance(task, n))
     print_metrics(result, f"{data.name} · {result['backend']} {result['precision']} · HAN({result['variant']})"
                           f"{' · re-ranked' if rerank else ''}{' · multi-query' if multi_query else ''}")
-    write_json(as_json, {k: v for k, v in result.items() if k != "cmc"} | {"cmc": result["cmc"][:20]})
+    write_json(as_json, {k: v for k, v in result.items() if k not in ("cmc", "first_rank")} | {"cmc": result["cmc"][:20]})
 
 
 # -- visualize / demo --------------------------------------------------------------------------------------
