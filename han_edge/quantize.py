@@ -39,7 +39,13 @@ from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
-from han_edge.int8_layers import WEIGHTED_OPS, choose_exclusions, layer_groups, sampling_grid_nodes
+from han_edge.int8_layers import (
+    WEIGHTED_OPS,
+    agreement_floor,
+    choose_exclusions,
+    layer_groups,
+    sampling_grid_nodes,
+)
 from han_edge.onnx_io import (
     INPUT,
     ORT_FP16_ARTEFACTS,
@@ -77,29 +83,35 @@ FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op typ
 
 
 class ImageReader:
-    """ONNX Runtime CalibrationDataReader over pre-processed batches, all of one size.
+    """ONNX Runtime CalibrationDataReader over pre-processed images, one batch of ``chunk`` at a time.
 
-    ORT's histogram calibrators (percentile, entropy) stack each tensor's batches into one array and
-    fail on a short last batch (885 images in chunks of 32), so the last chunk ends at the last image
-    and overlaps the one before: every image is seen, a few twice.
+    ``len()`` counts batches and ``set_range`` selects batches: with ORT's ``CalibStridedMinMax=1``
+    ``quantize_static`` collects one batch per call, so calibration holds one batch's activations
+    instead of every image's (256 images of HAN-S: ~7 GB resident; the histogram calibrators merge
+    batch by batch). All batches have one size (the last ends at the last image and overlaps the
+    one before), which ORT's histogram collectors also need.
     """
 
     def __init__(self, batch: np.ndarray, chunk: int = 32):
-        self.batch, self.chunk, self.pos = batch, min(chunk, len(batch)), 0
+        self.batch, self.chunk = batch, max(1, min(chunk, len(batch)))
+        self.starts = [min(i, len(batch) - self.chunk) for i in range(0, len(batch), self.chunk)]
+        self.range, self.pos = (0, len(self.starts)), 0
+
+    def set_range(self, start_index: int, end_index: int):
+        self.range, self.pos = (start_index, min(end_index, len(self.starts))), start_index
 
     def get_next(self):
-        if self.pos >= len(self.batch):
+        if self.pos >= self.range[1]:
             return None
-        start = min(self.pos, len(self.batch) - self.chunk)
-        item = {INPUT: self.batch[start:start + self.chunk]}
-        self.pos += self.chunk
-        return item
+        start = self.starts[self.pos]
+        self.pos += 1
+        return {INPUT: self.batch[start:start + self.chunk]}
 
     def rewind(self):
-        self.pos = 0
+        self.pos = self.range[0]
 
     def __len__(self):
-        return len(self.batch)
+        return len(self.starts)
 
 
 def scoring_session(path, without_fp16_artefacts: bool):
@@ -144,7 +156,8 @@ def quantize(source: Path, out_path: Path, calib_batch: np.ndarray, flavour: Int
     methods = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
                "minmax": CalibrationMethod.MinMax}
     extra = {"ActivationSymmetric": flavour.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": False,
-             "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": flavour.activation_symmetric}
+             "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": flavour.activation_symmetric,
+             "CalibStridedMinMax": 1}   # one batch per collection (see ImageReader), for every method
     if not flavour.quantize_outputs:
         extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
     # ORT prints calibration chatter and pre-processing advice through print() and the root logger.
@@ -189,17 +202,6 @@ class Int8Report:
     neighbour_agreement_ort_default: float | None = None
     fp16_sensitivity: dict[str, float] = field(default_factory=dict)
     ort_ops: dict[str, int] = field(default_factory=dict)          # ONNX Runtime's optimised graph (CPU flavour)
-
-
-def agreement_floor(min_agreement: float, crops: int) -> float:
-    """``min_agreement`` less one binomial standard error of an agreement measured on ``crops`` crops.
-
-    0.95 on 256 crops: 0.936. On the demo model, eleven calibrations and placements (full INT8 to
-    three groups in float) all scored 0.942-0.964 on 534 held-out crops, and isotropic noise of the
-    same centred cosine (0.9975) 0.966: differences below this error are near-ties between crops
-    (5% of them have a second neighbour within 1% of the first), not the quantiser.
-    """
-    return min_agreement - float(np.sqrt(min_agreement * (1 - min_agreement) / max(crops, 1)))
 
 
 def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray, heldout_batch: np.ndarray,

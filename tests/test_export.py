@@ -20,7 +20,7 @@ from han_edge.jobs import (
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
 from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
-from han_edge.quantize import INT8_FLAVOURS, export_int8, quantize
+from han_edge.quantize import INT8_FLAVOURS, ImageReader, export_int8, quantize
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
@@ -247,6 +247,21 @@ def test_sensitivity_analysis_stops_only_when_neighbours_agree_too():
     assert sensitivity == pytest.approx(cost)
     assert excluded == ["a", "b", "c"]                  # worst cosine first, stopped at 0.96 agreement
     assert choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2)[1] == ["a", "b"]   # the cap holds
+
+
+@pytest.mark.parametrize("images", [1, 31, 32, 33, 885])
+def test_calibration_reader_yields_equal_batches_one_range_at_a_time(images):
+    reader = ImageReader(np.arange(images, dtype=np.float32)[:, None])
+    assert len(reader) == -(-images // 32)                      # batches, the unit of ORT's strided collection
+    seen = []
+    for start in range(len(reader)):
+        reader.set_range(start, start + 1)
+        batches = list(iter(reader.get_next, None))
+        assert len(batches) == 1 and len(batches[0]["images"]) == min(32, images)
+        seen += batches[0]["images"][:, 0].tolist()
+    assert sorted(set(seen)) == list(range(images))              # every image, a few of the last batch twice
+    reader.rewind()
+    assert reader.get_next() is not None and reader.get_next() is None   # rewind restarts the current range
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy"])
