@@ -55,7 +55,7 @@ def calibration_paths(calib_dir: str | None, size: int, seed: int = 0) -> list[s
 def heldout_paths(limit: int = 256, offset: int = 0) -> list[str]:
     """Images never used for calibration: every n-th of the synthetic set's query + gallery, from ``offset``.
 
-    With the default ``limit`` (under half of the 574 identities' crops), offsets 0 and 1 are
+    With the default ``limit`` (under half of the 534 labelled query + gallery crops), offsets 0 and 1 are
     disjoint: the export chooses its INT8 exclusions on one set and reports accuracy on the other.
     """
     from han_edge.data import load_dataset
