@@ -255,6 +255,20 @@ def test_inspect_accepts_a_small_honest_graph(tmp_path):
     assert result.exit_code == 0 and "1024-D" in result.output, result.output
 
 
+def test_inspect_shows_unreadable_int8_metadata_as_such(tmp_path):
+    import onnx
+
+    from tests.test_hostile_inputs import tiny_graph
+
+    meta = {**model_metadata(get_config("small"), "fp32"), "han_edge.int8_excluded": "[not json",
+            "han_edge.float_precision": "fp16", "han_edge.fp32_nodes": "{nor this"}
+    onnx.save(tiny_graph(meta=meta), str(tmp_path / "odd.onnx"))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "odd.onnx")])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert re.search(r"kept in float\s*│\s*unreadable", result.output), result.output
+    assert "FP16, FP32 nodes unreadable" in result.output, result.output
+
+
 def test_inspect_plan_with_side_files(tmp_path):
     plan = tmp_path / "m.plan"
     plan.write_bytes(os.urandom(64))

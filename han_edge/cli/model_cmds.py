@@ -141,15 +141,20 @@ def inspect_file(path: Path = typer.Argument(..., help=".onnx or .plan/.engine")
                 "han-edge": meta.get("han_edge.version", "?")}
         if "han_edge.int8_excluded" in meta:
             try:
-                rows["kept in float"] = ", ".join(map(str, json.loads(meta["han_edge.int8_excluded"]))) or "none"
+                groups = ", ".join(map(str, json.loads(meta["han_edge.int8_excluded"]))) or "no layer group"
+                rows["kept in float"] = f"{groups} (and always the hard attention's sampling grid)"
             except (ValueError, TypeError):
                 rows["kept in float"] = "unreadable"
         if meta.get("han_edge.float_precision") == "fp16":
-            rows["float part"] = f"FP16, FP32 nodes: {len(json.loads(meta.get('han_edge.fp32_nodes', '[]')))}"
+            try:
+                rows["float part"] = f"FP16, FP32 nodes: {len(json.loads(meta.get('han_edge.fp32_nodes', '[]')))}"
+            except (ValueError, TypeError):
+                rows["float part"] = "FP16, FP32 nodes unreadable"
         if precision == "int8-cpu":
             from han_edge.exporter import ort_optimized_op_counts
             fused = ort_optimized_op_counts(path)
-            rows["ORT CPU kernels"] = f"QLinearConv {fused.get('QLinearConv', 0)} of {counts.get('Conv', 0)} Conv"
+            rows["ORT CPU kernels"] = (f"QLinearConv {fused.get('QLinearConv', 0)} of {counts.get('Conv', 0)} Conv, "
+                                       f"QGemm {fused.get('QGemm', 0)}, QLinearAdd {fused.get('QLinearAdd', 0)}")
     rows = {"variant": config.variant, "input": f"3x{config.input_size[0]}x{config.input_size[1]}",
             "feature": f"{config.feature_dim}-D", "mean/std": f"{config.mean} / {config.std}", **rows,
             "size": f"{path.stat().st_size / 2**20:.2f} MiB"}
