@@ -38,6 +38,7 @@ from han_edge.errors import HanEdgeError
 from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
+from han_edge.equalize import equalize_depthwise_inputs
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.int8_layers import (
     WEIGHTED_OPS,
@@ -139,7 +140,7 @@ def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> d
 def _calibration_key(fp32_path: Path, calib_batch: np.ndarray, method: str, flavour: Int8Flavour) -> str:
     digest = hashlib.sha256(Path(fp32_path).read_bytes())
     digest.update(np.ascontiguousarray(calib_batch).tobytes())
-    digest.update(f"{method}/{flavour.name}".encode())
+    digest.update(f"{method}/{flavour.name}/equalized".encode())   # ranges of the equalised graph
     return digest.hexdigest()[:16]
 
 
@@ -191,6 +192,7 @@ class Int8Report:
     excluded_groups: list[str]
     sensitivity: dict[str, float] = field(default_factory=dict)   # group -> centred-cosine loss alone
     agreement_floor: float = 0.0                                    # the analysis's agreement bar (see export_int8)
+    equalized_pairs: int = 0                                        # conv -> depthwise ranges equalised (equalize.py)
     centred_cosine: float = 0.0
     neighbour_agreement: float = 0.0
     calibration_cache: str = ""
@@ -251,10 +253,9 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         work_cache = tmp / "calib.json"
         if reused:   # otherwise the cache belongs to other weights/images/method: recalibrate
             work_cache.write_bytes(cache.read_bytes())
-        source = fp32_path
-        if spec.fp16_float:
-            source = tmp / "source.onnx"
-            onnx.save(to_opset(fp32_model, FP16_OPSET), str(source))
+        equalized, report.equalized_pairs = equalize_depthwise_inputs(fp32_model, calib_batch)
+        source = tmp / "source.onnx"
+        onnx.save(to_opset(equalized, FP16_OPSET) if spec.fp16_float else equalized, str(source))
 
         grid = sampling_grid_nodes(fp32_model)
 
@@ -289,7 +290,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         atomic_write_bytes(cache, work_cache.read_bytes(), "calibration cache")
         atomic_write_bytes(key_file, key.encode(), "calibration cache key")
 
-    extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups}
+    extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups,
+             "int8_equalized_pairs": report.equalized_pairs}
     if spec.fp16_float:
         extra.update(float_precision="fp16", fp32_nodes=report.fp32_nodes, opset=FP16_OPSET)
     set_metadata(final, {**meta, **model_metadata(config, spec.precision, **extra)})

@@ -1,0 +1,104 @@
+"""Activation range equalization before INT8: every channel entering a depthwise conv gets one range.
+
+HAN's units are ``1x1 conv -> BN -> ReLU -> 3x3 depthwise conv`` (BN folded into the convs in the
+ONNX). Activations are quantised per tensor, so a channel whose ReLU output peaks at 0.5 where
+another peaks at 17 keeps a handful of the 256 levels. Scaling output channel ``c`` of the 1x1
+conv (weights and bias) by ``s_c = max_range / range_c`` and the depthwise conv's channel ``c`` by
+``1 / s_c`` leaves the function unchanged (ReLU is positively homogeneous, the depthwise conv reads
+channel ``c`` alone) and gives every channel the tensor's range. The depthwise weights are quantised
+per channel, so the ``1 / s_c`` costs them nothing. This is the activation side of cross-layer
+equalization (Nagel et al., "Data-Free Quantization", 2019), with ranges measured on the
+calibration images; ONNX Runtime's quantiser has no such pass (its SmoothQuant covers MatMul/Gemm).
+
+On the demo's HAN-S (CPU flavour, 534 held-out crops), centred cosine 0.9981 -> 0.9983 and
+nearest-neighbour agreement 0.951 -> 0.974 (one run each).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MAX_SCALE = 64.0   # a channel all but dead on the calibration images is not blown up beyond this
+
+
+def depthwise_pairs(model) -> list[tuple]:
+    """(conv, relu, depthwise conv) chains whose intermediate tensors have no other reader."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    pairs = []
+    for relu in (n for n in model.graph.node if n.op_type == "Relu"):
+        conv, nxt = producer.get(relu.input[0]), readers.get(relu.output[0], [])
+        if conv is None or conv.op_type != "Conv" or len(nxt) != 1 or nxt[0].op_type != "Conv":
+            continue
+        weights = [w for w in (*conv.input[1:3], nxt[0].input[1]) if w]
+        if len(readers.get(conv.output[0], [])) != 1 or any(w not in inits for w in weights):
+            continue   # the conv's output read elsewhere too would not keep its function
+        group = next((helper.get_attribute_value(a) for a in nxt[0].attribute if a.name == "group"), 1)
+        channels = numpy_helper.to_array(inits[conv.input[1]]).shape[0]
+        if group > 1 and group == channels == numpy_helper.to_array(inits[nxt[0].input[1]]).shape[0]:
+            pairs.append((conv, relu, nxt[0]))
+    return pairs
+
+
+def channel_peaks(model, tensors: list[str], batch: np.ndarray, chunk: int = 32) -> dict[str, np.ndarray]:
+    """Per-channel maximum of NCHW ``tensors`` over ``batch``, one chunk at a time (ONNX Runtime CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    peaks = {t: np.zeros(0, np.float32) for t in tensors}
+    for start in range(0, len(batch), chunk):
+        for t, out in zip(tensors, session.run(tensors, {name: batch[start:start + chunk]})):
+            peak = out.max(axis=(0, 2, 3))
+            peaks[t] = peak if peaks[t].size == 0 else np.maximum(peaks[t], peak)
+    return peaks
+
+
+def equalize_depthwise_inputs(model, calib_batch: np.ndarray):
+    """A copy of ``model`` with the activations entering each depthwise conv equalised; (model, pairs)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    pairs = depthwise_pairs(out)
+    if not pairs:
+        return out, 0
+    peaks = channel_peaks(out, [relu.output[0] for _, relu, _ in pairs], calib_batch)
+    inits = {i.name: i for i in out.graph.initializer}
+
+    readers: dict[str, int] = {}
+    for node in out.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+
+    def rescale(node, index: int, factor: np.ndarray) -> None:
+        name = node.input[index]
+        array = numpy_helper.to_array(inits[name])
+        if readers[name] > 1:   # shared (onnxsim merges equal constants, e.g. zero biases): scale a copy
+            readers[name] -= 1
+            name = node.input[index] = f"{name}/equalized/{node.name}"
+            inits[name] = out.graph.initializer.add()
+        shaped = factor.reshape((-1,) + (1,) * (array.ndim - 1))
+        inits[name].CopyFrom(numpy_helper.from_array((array * shaped).astype(array.dtype), name))
+
+    for conv, relu, depthwise in pairs:
+        peak = peaks[relu.output[0]]
+        scale = np.clip(peak.max() / np.maximum(peak, 1e-12), 1.0, MAX_SCALE).astype(np.float32)
+        rescale(conv, 1, scale)
+        if len(conv.input) > 2 and conv.input[2]:
+            rescale(conv, 2, scale)
+        rescale(depthwise, 1, 1.0 / scale)
+    return out, len(pairs)
