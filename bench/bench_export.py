@@ -91,20 +91,10 @@ def export_variant(variant: str, checkpoint: str | None, out: Path, log) -> tupl
     return paths, seconds, reports
 
 
-def quiet_session(path: Path, threads: int):
-    """ORT CPU session whose threads sleep between runs: with spinning on (ORT's default), the threads of
-    the model timed before keep spinning into the next one's run, which on 2 cores made batch-1 medians
-    swing 2-3x between runs."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level = threads, 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def latency(paths: dict, batch: int, rounds: int, threads: int = 2) -> dict:
-    sessions = {name: quiet_session(path, threads) for name, path in paths.items()}
+    # spinning off: with it on, the idle threads of the model timed before spun into the next one's run
+    # on 2 cores (batch-1 medians swung 2-3x between runs)
+    sessions = {name: ort_session(path, threads=threads, spinning=False) for name, path in paths.items()}
     x = np.random.default_rng(0).normal(size=(batch, 3, 160, 64)).astype(np.float32)
     times = {name: [] for name in sessions}
     for session in sessions.values():     # warm-up

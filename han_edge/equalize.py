@@ -10,12 +10,14 @@ per channel, so the ``1 / s_c`` costs them nothing. This is the activation side 
 equalization (Nagel et al., "Data-Free Quantization", 2019), with ranges measured on the
 calibration images; ONNX Runtime's quantiser has no such pass (its SmoothQuant covers MatMul/Gemm).
 
-On the demo's HAN-S (CPU flavour, 534 held-out crops), centred cosine 0.9981 -> 0.9983 and
-nearest-neighbour agreement 0.951 -> 0.974 (one run each).
+On the demo's HAN-S (CPU flavour, 534 held-out crops, one run each, scales not yet capped), centred
+cosine 0.9981 -> 0.9983 and nearest-neighbour agreement 0.951 -> 0.974.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from han_edge.onnx_io import INPUT, ort_session
 
 MAX_SCALE = 64.0   # a channel all but dead on the calibration images is not blown up beyond this
 
@@ -48,19 +50,15 @@ def depthwise_pairs(model) -> list[tuple]:
 def channel_peaks(model, tensors: list[str], batch: np.ndarray, chunk: int = 32) -> dict[str, np.ndarray]:
     """Per-channel maximum of NCHW ``tensors`` over ``batch``, one chunk at a time (ONNX Runtime CPU)."""
     import onnx
-    import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in tensors)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    session = ort_session(probe)
     peaks = {t: np.zeros(0, np.float32) for t in tensors}
     for start in range(0, len(batch), chunk):
-        for t, out in zip(tensors, session.run(tensors, {name: batch[start:start + chunk]})):
+        for t, out in zip(tensors, session.run(tensors, {INPUT: batch[start:start + chunk]})):
             peak = out.max(axis=(0, 2, 3))
             peaks[t] = peak if peaks[t].size == 0 else np.maximum(peaks[t], peak)
     return peaks

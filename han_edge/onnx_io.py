@@ -141,9 +141,14 @@ def ort_workarounds(meta: dict[str, str]) -> list[str]:
     return list(ORT_FP16_ARTEFACTS) if meta.get("han_edge.float_precision") == "fp16" else []
 
 
-def ort_session(path: str | Path, threads: int = 0, providers: list | None = None,
-                disabled_optimizers: list[str] | None = None):
-    """An ONNX Runtime session (CPU unless ``providers`` says otherwise), or one sentence why not."""
+def ort_session(path, threads: int = 0, providers: list | None = None,
+                disabled_optimizers: list[str] | None = None, spinning: bool = True):
+    """An ONNX Runtime session (CPU unless ``providers`` says otherwise), or one sentence why not.
+
+    ``path`` is a file or an in-memory ``onnx.ModelProto``. ``spinning=False`` lets the intra-op
+    threads sleep between runs: where several sessions take turns on few cores, spinning threads of
+    one eat the next one's run.
+    """
     try:
         import onnxruntime as ort
     except ImportError:
@@ -152,11 +157,15 @@ def ort_session(path: str | Path, threads: int = 0, providers: list | None = Non
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
+    name = "the in-memory model" if isinstance(source, bytes) else path
     try:
         extra = {"disabled_optimizers": disabled_optimizers} if disabled_optimizers else {}
-        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"], **extra)
+        return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"], **extra)
     except Exception as err:
-        raise HanEdgeError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0][:200]}") from None
+        raise HanEdgeError(f"ONNX Runtime cannot load {name}: {str(err).splitlines()[0][:200]}") from None
 
 
 def run_ort(session, batch: np.ndarray, chunk: int = 64) -> np.ndarray:

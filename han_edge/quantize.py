@@ -22,33 +22,27 @@ cost centred cosine and ran slower).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from han_edge.config import config_from_metadata, model_metadata
+from han_edge.equalize import equalize_depthwise_inputs
 from han_edge.errors import HanEdgeError
 from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
-from han_edge.equalize import equalize_depthwise_inputs
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.int8_layers import (
-    WEIGHTED_OPS,
     agreement_floor,
     choose_exclusions,
     layer_groups,
     sampling_grid_nodes,
 )
 from han_edge.onnx_io import (
-    INPUT,
     ORT_FP16_ARTEFACTS,
     load_onnx,
     onnx_metadata,
@@ -57,6 +51,7 @@ from han_edge.onnx_io import (
     save_onnx,
     set_metadata,
 )
+from han_edge.ort_quantize import CALIBRATION_METHODS, quantize
 
 
 @dataclass(frozen=True)
@@ -79,40 +74,7 @@ INT8_FLAVOURS = {
                        op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul", "Add"), quantize_outputs=True,
                        fp16_float=False),
 }
-CALIBRATION_METHODS = ("percentile", "entropy", "minmax")
 FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op types are kept in FP32
-
-
-class ImageReader:
-    """ONNX Runtime CalibrationDataReader over pre-processed images, one batch of ``chunk`` at a time.
-
-    ``len()`` counts batches and ``set_range`` selects batches: with ORT's ``CalibStridedMinMax=1``
-    ``quantize_static`` collects one batch per call, so calibration holds one batch's activations
-    instead of every image's (256 images of HAN-S: ~7 GB resident; the histogram calibrators merge
-    batch by batch). All batches have one size (the last ends at the last image and overlaps the
-    one before), which ORT's histogram collectors also need.
-    """
-
-    def __init__(self, batch: np.ndarray, chunk: int = 32):
-        self.batch, self.chunk = batch, max(1, min(chunk, len(batch)))
-        self.starts = [min(i, len(batch) - self.chunk) for i in range(0, len(batch), self.chunk)]
-        self.range, self.pos = (0, len(self.starts)), 0
-
-    def set_range(self, start_index: int, end_index: int):
-        self.range, self.pos = (start_index, min(end_index, len(self.starts))), start_index
-
-    def get_next(self):
-        if self.pos >= self.range[1]:
-            return None
-        start = self.starts[self.pos]
-        self.pos += 1
-        return {INPUT: self.batch[start:start + self.chunk]}
-
-    def rewind(self):
-        self.pos = self.range[0]
-
-    def __len__(self):
-        return len(self.starts)
 
 
 def scoring_session(path, without_fp16_artefacts: bool):
@@ -144,46 +106,6 @@ def _calibration_key(fp32_path: Path, calib_batch: np.ndarray, method: str, flav
     return digest.hexdigest()[:16]
 
 
-def quantize(source: Path, out_path: Path, calib_batch: np.ndarray, flavour: Int8Flavour, method: str,
-             exclude_nodes: list[str], cache_path: Path) -> Path:
-    """One ORT static quantisation; ranges come from ``cache_path`` after the first calibration."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    methods = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
-               "minmax": CalibrationMethod.MinMax}
-    extra = {"ActivationSymmetric": flavour.activation_symmetric, "WeightSymmetric": True, "QuantizeBias": False,
-             "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": flavour.activation_symmetric,
-             "CalibStridedMinMax": 1}   # one batch per collection (see ImageReader), for every method
-    if not flavour.quantize_outputs:
-        extra["OpTypesToExcludeOutputQuantization"] = list(WEIGHTED_OPS)
-    # ORT prints calibration chatter and pre-processing advice through print() and the root logger.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
-        warnings.simplefilter("ignore")
-        quantize_static(
-            str(source), str(out_path), ImageReader(calib_batch), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(flavour.op_types), per_channel=True,
-            activation_type=QuantType.QUInt8 if flavour.unsigned_activations else QuantType.QInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=exclude_nodes, calibrate_method=methods[method],
-            extra_options=extra, calibration_cache_path=str(cache_path))
-    return out_path
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 @dataclass
 class Int8Report:
     flavour: str
@@ -209,7 +131,7 @@ class Int8Report:
 def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray, heldout_batch: np.ndarray,
                 flavour: str = "tensorrt", method: str = "percentile", exclude: list[str] | None = None,
                 target: float = 0.99, min_agreement: float = 0.95, max_excluded: int = 8,
-                progress=None) -> Int8Report:
+                report_batch: np.ndarray | None = None, progress=None) -> Int8Report:
     """Calibrated INT8 Q/DQ model; layer groups that hurt most stay out of INT8 (sensitivity analysis).
 
     The analysis runs when the fully quantised model misses either bar on ``heldout_batch``:
@@ -219,9 +141,10 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     quantisations apart and chasing it kept layers out of INT8 by chance). Groups are ranked by
     the cosine each loses quantised alone, then kept in float, worst first, until both bars are met
     or ``max_excluded`` groups are out. ``exclude`` (group names from ``layer_groups``) overrides
-    the analysis. In the TensorRT flavour
-    excluded groups run in FP16, not FP32; op types stay FP32 only where ``han_edge.half``'s FP16
-    sensitivity analysis shows FP16 costs more than ``FP16_TOLERANCE`` (named in the metadata).
+    the analysis. The report's accuracy is measured on ``report_batch`` (crops the analysis did not
+    see; default ``heldout_batch``). In the TensorRT flavour excluded groups run in FP16, not FP32;
+    op types stay FP32 only where ``han_edge.half``'s FP16 sensitivity analysis shows FP16 costs
+    more than ``FP16_TOLERANCE`` (named in the metadata).
     """
     import onnx
 
@@ -296,6 +219,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         extra.update(float_precision="fp16", fp32_nodes=report.fp32_nodes, opset=FP16_OPSET)
     set_metadata(final, {**meta, **model_metadata(config, spec.precision, **extra)})
     save_onnx(final, path)
+    if report_batch is not None:
+        heldout_batch, reference = report_batch, run_ort(ort_session(fp32_path), report_batch)
     for key, value in held_out_accuracy(reference, path, heldout_batch).items():
         setattr(report, key, value)
     if not spec.fp16_float:

@@ -11,6 +11,7 @@ from han_edge.evaluate import centred_cosine, cosine_rows
 from han_edge.exporter import load_batch, ort_optimized_op_counts
 from han_edge.formats import ARTEFACTS
 from han_edge.half import float32_tensors
+from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
 from han_edge.jobs import (
     ExportOptions,
     calibration_paths,
@@ -19,8 +20,8 @@ from han_edge.jobs import (
     heldout_paths,
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
-from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
-from han_edge.quantize import INT8_FLAVOURS, ImageReader, export_int8, quantize
+from han_edge.ort_quantize import ImageReader, quantize
+from han_edge.quantize import INT8_FLAVOURS, export_int8
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
