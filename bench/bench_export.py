@@ -66,8 +66,8 @@ def export_variant(variant: str, checkpoint: str | None, out: Path, log) -> tupl
     model, config, _ = load_torch_model(variant, checkpoint)
     trained = checkpoint is not None
     calib = load_batch(calibration_paths(None, 256 if trained else 128), config)
-    held = load_batch(heldout_paths(256 if trained else 32), config)
-    analysis = load_batch(heldout_paths(256, offset=1), config) if trained else held   # as `han-edge export`
+    held = load_batch(heldout_paths() if trained else heldout_paths(32), config)
+    analysis = load_batch(heldout_paths(offset=1), config) if trained else held   # as `han-edge export`
     paths, seconds, reports = {}, {}, {}
     old = load_torch_model(variant, checkpoint)[0]
     old.croppers = nn.ModuleList(OldRegionCropper(size, config.regions) for size in config.crop_sizes)
@@ -130,7 +130,7 @@ def profile_ops(path: Path, batch: int = 32, runs: int = 5, threads: int = 2) ->
 
 
 def accuracy(paths: dict, config, reports: dict) -> list[dict]:
-    held = load_batch(heldout_paths(256), config)
+    held = load_batch(heldout_paths(), config)
     reference = run_ort(ort_session(paths["fp32"]), held)
     rows = []
     for name in ("int8", "int8-cpu"):

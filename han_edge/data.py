@@ -169,6 +169,23 @@ def default_synthetic_root() -> Path:
     return Path(os.environ.get("HAN_EDGE_SYNTHETIC", "data/synthetic"))
 
 
+# People neither trained nor tested on in the synthetic set (identities 1001-1120, the same six cameras):
+# ~1,080 labelled crops on which the INT8 export chooses what stays float and reports its accuracy.
+HELDOUT_SET = {"seed": 0, "train_ids": 0, "test_ids": 120, "distractors": 0, "first_id": 1001}
+
+
+def heldout_crops(root: str | Path | None = None) -> list[str]:
+    """Paths of the held-out crops, generated once in ``<synthetic root>-heldout`` (or ``root``)."""
+    from han_edge.synthetic import ensure_synthetic
+
+    if root is None:
+        base = default_synthetic_root()
+        root = base.with_name(base.name + "-heldout")
+    root = ensure_synthetic(root, **HELDOUT_SET)
+    return [path for folder in ("query", "bounding_box_test")
+            for path, _, _ in _parse_pid_cam_folder(root / folder, "synthetic held-out set", keep_distractors=False)]
+
+
 def load_dataset(name: str, root: str | Path | None) -> ReidData:
     """Parse a dataset by name; ``synthetic`` generates (once) and reads a Market-layout set."""
     if name == "synthetic":

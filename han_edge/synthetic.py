@@ -128,8 +128,11 @@ def _draw_person(canvas, ident, rng, scale, shift) -> None:
 
 
 def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: int = 60,
-             distractors: int = 40, progress=None) -> Path:
+             distractors: int = 40, first_id: int = 1, progress=None) -> Path:
     """Write a Market-1501-layout set under ``root``; returns the root.
+
+    Identities are numbered from ``first_id``; each is drawn from (``seed``, its number), so sets
+    with disjoint numbers and one seed hold different people seen by the same cameras.
 
     The marker ``synthetic.json`` is written last and atomically: a set without it is incomplete.
     """
@@ -144,12 +147,14 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
             raise HanEdgeError(f"cannot write synthetic image {path}: the disk is full or the folder is not writable")
     master = np.random.default_rng(seed)
     cameras = [make_camera(master) for _ in range(NUM_CAMERAS)]
-    total = train_ids + test_ids
-    for pid in range(1, total + 1):
+    if not 1 <= first_id <= 9999 - train_ids - test_ids:
+        raise HanEdgeError(f"synthetic identities {first_id}..{first_id + train_ids + test_ids - 1} do not fit "
+                           "the Market layout's four digits")
+    for pid in range(first_id, first_id + train_ids + test_ids):
         rng = np.random.default_rng([seed, pid])
         identity = make_identity(rng)
         cams = rng.choice(NUM_CAMERAS, size=int(rng.integers(2, 5)), replace=False)
-        is_test = pid > train_ids
+        is_test = pid >= first_id + train_ids
         for cam in sorted(cams):
             for k in range(int(rng.integers(2, 5))):
                 image = render(identity, cameras[cam], rng)
@@ -165,7 +170,7 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
         junk = np.clip(cameras[cam]["background"] + rng.normal(0, 30, (HEIGHT, WIDTH, 3)), 0, 255).astype(np.uint8)
         imwrite(root / "bounding_box_test" / f"-1_c{cam + 1}s1_{n:06d}_00.jpg", junk)
     spec = {"format": FORMAT_VERSION, "seed": seed, "train_ids": train_ids, "test_ids": test_ids,
-            "distractors": distractors}
+            "distractors": distractors, "first_id": first_id}
     from han_edge.fileio import write_json
 
     write_json(root / "synthetic.json", spec, "synthetic set marker")

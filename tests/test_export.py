@@ -35,6 +35,7 @@ FIXTURE_CENTRED, FIXTURE_NEIGHBOUR, FIXTURE_RANK1, FIXTURE_MAP = 0.985, 0.8, 0.0
 def exported(tmp_path_factory, trained_checkpoint):
     out = tmp_path_factory.mktemp("export")
     result = export_all(ExportOptions(checkpoint=str(trained_checkpoint), fp16=True, int8=True, calib_size=128,
+                                      heldout_size=256,
                                       int8_min_agreement=FIXTURE_NEIGHBOUR, out_dir=str(out)), log=lambda *_: None)
     return out, result
 
@@ -43,7 +44,7 @@ def exported(tmp_path_factory, trained_checkpoint):
 def heldout(exported):
     out, _ = exported
     config, _ = read_config(out / "han_small.onnx")
-    return load_batch(heldout_paths(), config)
+    return load_batch(heldout_paths(256), config)
 
 
 @pytest.fixture(scope="module")
