@@ -148,3 +148,14 @@ def test_heldout_crops_are_people_outside_the_synthetic_set(tmp_path):
     pids = {int(Path(p).name[:4]) for p in crops}
     assert pids == set(range(HELDOUT_SET["first_id"], HELDOUT_SET["first_id"] + HELDOUT_SET["test_ids"]))
     assert len(crops) > 1000 and crops == heldout_crops(tmp_path / "held")   # generated once, same order
+
+
+def test_export_analysis_and_report_crops_are_disjoint_and_unseen():
+    from han_edge.jobs import calibration_paths, heldout_paths
+
+    analysis, report = heldout_paths(), heldout_paths(offset=1)
+    assert len(analysis) == len(report) == 512 and not set(analysis) & set(report)
+    seen = load_dataset("synthetic", None)
+    people = {pid for _, pid, _ in seen.query + seen.gallery}
+    people |= {int(Path(p).name[:4]) for p in calibration_paths(None, 10_000)}
+    assert not people & {int(Path(p).name[:4]) for p in analysis + report}
