@@ -38,6 +38,9 @@ def main() -> None:
     export = load("export")
     if export:
         out += _export_sections(export)
+    models = load("int8_models")
+    if models:
+        out += _int8_models_section(models)
     runtime = load("runtime")
     if runtime:
         out += [f"## `han-edge bench`, {runtime['backend']} ({runtime['machine']}, {runtime['date']})", "",
@@ -127,6 +130,18 @@ def _export_sections(export: dict) -> list[str]:
                     f"which han-edge's runtime turns off and TensorRT does not do): centred cosine "
                     f"{trt[0]['centred_cosine_ort_default']:.4f}, NN agreement {trt[0]['neighbour_agreement_ort_default']:.3f}.", ""]
     return out
+
+
+def _int8_models_section(models: dict) -> list[str]:
+    rows = [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["flavour"], f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
+             f"{100 * r['fp32_rank1']:.1f} -> {100 * r['int8_rank1']:.1f} ({r['gained']} / {r['lost']})",
+             f"{100 * r['fp32_mAP']:.1f} -> {100 * r['int8_mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]
+            for r in models["rows"]]
+    return [f"## INT8 accuracy across trained HAN-S models ({models['machine']}, {models['date']})", "",
+            "`bench/bench_int8_models.py`: each checkpoint exported as `han-edge export --int8` does (analysis on 512 "
+            "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries).", "",
+            table(["model", "flavour", "centred cosine", "NN agreement", "rank-1 FP32 -> INT8 (gained / lost)",
+                   "mAP FP32 -> INT8", "not INT8"], rows), ""]
 
 
 def _runtime_rows(rows: list[dict]) -> list[list]:
