@@ -179,9 +179,13 @@ def heldout_crops(root: str | Path | None = None) -> list[str]:
     from han_edge.synthetic import ensure_synthetic
 
     if root is None:
-        base = default_synthetic_root()
-        root = base.with_name(base.name + "-heldout")
-    root = ensure_synthetic(root, **HELDOUT_SET)
+        base = default_synthetic_root().resolve()
+        root = base.parent / f"{base.name or 'synthetic'}-heldout"
+    try:
+        root = ensure_synthetic(root, **HELDOUT_SET)
+    except HanEdgeError as err:   # ensure_synthetic's advice names --root, which does not choose this folder
+        raise HanEdgeError(f"the held-out crops' folder {root} cannot be used ({str(err).split(';')[0]}); "
+                           "delete or move it and han-edge generates it again") from None
     return [path for folder in ("query", "bounding_box_test")
             for path, _, _ in _parse_pid_cam_folder(root / folder, "synthetic held-out set", keep_distractors=False)]
 

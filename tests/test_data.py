@@ -159,3 +159,15 @@ def test_export_analysis_and_report_crops_are_disjoint_and_unseen():
     people = {pid for _, pid, _ in seen.query + seen.gallery}
     people |= {int(Path(p).name[:4]) for p in calibration_paths(None, 10_000)}
     assert not people & {int(Path(p).name[:4]) for p in analysis + report}
+
+
+def test_heldout_folder_that_cannot_be_used_is_named_with_what_to_do(tmp_path):
+    from han_edge.data import heldout_crops
+
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "synthetic.json").write_text("{broken")
+    with pytest.raises(HanEdgeError, match=r"held-out crops' folder .*held cannot be used .*delete or move it"):
+        heldout_crops(tmp_path / "held")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HanEdgeError, match="delete or move it"):
+        heldout_crops(tmp_path / "file")
