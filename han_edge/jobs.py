@@ -61,6 +61,8 @@ def heldout_paths(limit: int = 512, offset: int = 0) -> list[str]:
     """
     from han_edge.data import heldout_crops
 
+    if limit < 1:
+        raise HanEdgeError(f"heldout_paths needs a limit of at least 1, not {limit}")
     items = heldout_crops()
     return items[offset:: max(1, len(items) // limit)][:limit]
 
@@ -100,6 +102,9 @@ class ExportOptions:
 
 def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     """Write the FP32 ONNX (+ FP16, + INT8) and report parity and accuracy figures."""
+    if options.calib_size < 1 or options.heldout_size < 2:
+        raise HanEdgeError(f"calib_size must be at least 1 and heldout_size at least 2, not {options.calib_size} "
+                           f"and {options.heldout_size}")
     model, config, source = load_torch_model(options.variant, options.checkpoint)
     log(f"HAN({config.variant}) from {source}")
     out = ensure_folder(options.out_dir, "export folder")
