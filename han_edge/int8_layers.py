@@ -83,7 +83,7 @@ def agreement_floor(min_agreement: float, crops: int) -> float:
     calibrations and placements (full INT8 to three groups in float) all scored 0.942-0.964 on 534
     held-out crops, and isotropic noise of the same centred cosine (0.9975) 0.966: differences below
     this error are near-ties between crops (5% of them have a second neighbour within 1% of the
-    first; the crops INT8 moves have a median FP32 margin of 0.25% of the neighbour's similarity),
-    not the quantiser.
+    first; on the benchmark's model the crops INT8 moves have a median FP32 margin of 0.25% of the
+    neighbour's similarity), not the quantiser.
     """
     return min_agreement - float(np.sqrt(min_agreement * (1 - min_agreement) / max(crops, 1)))
