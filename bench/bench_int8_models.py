@@ -27,12 +27,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 result = export_all(ExportOptions(checkpoint=checkpoint, int8=True, int8_target=target, out_dir=out),
                                     log=lambda *_: None)
-            int8, retrieval = result["int8"], result["int8"]["retrieval"]
-            rows.append({"checkpoint": checkpoint, "source": result["source"], "flavour": target,
-                         "centred_cosine": int8["centred_cosine"], "neighbour_agreement": int8["neighbour_agreement"],
-                         "excluded_groups": int8["excluded_groups"], "fp32_rank1": retrieval["fp32"]["rank1"],
-                         "int8_rank1": retrieval["int8"]["rank1"], "fp32_mAP": retrieval["fp32"]["mAP"],
-                         "int8_mAP": retrieval["int8"]["mAP"], **retrieval["rank1_changed"]})
+            int8 = result["int8"]
+            rows.append({"source": result["source"], "precision": target, "centred_cosine": int8["centred_cosine"],
+                         "neighbour_agreement": int8["neighbour_agreement"],
+                         "excluded_groups": int8["excluded_groups"], **int8["retrieval"]})
             print(json.dumps(rows[-1]), flush=True)
     write_result("int8_models", rows)
 

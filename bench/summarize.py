@@ -115,15 +115,11 @@ def _export_sections(export: dict) -> list[str]:
     accuracy = [r for r in rows if r["kind"] == "accuracy"]
     if accuracy:
         out += [f"## INT8 accuracy against FP32 (checkpoint `{export.get('checkpoint')}`)", "",
-                "Held-out crops (256 synthetic query/gallery images) and the synthetic test set (181 queries x "
+                "512 held-out crops (people the synthetic set never trains or tests on) and the synthetic test set (181 queries x "
                 "393 gallery), through the runtime (ONNX Runtime CPU as han-edge configures it).", "",
-                table(["flavour", "calibration", "centred cosine", "NN agreement", "rank-1 FP32 -> INT8",
-                       "rank-1 hits gained / lost", "mAP FP32 -> INT8", "not INT8", "kept FP32"],
-                      [[r["precision"], r.get("calibration", "percentile"), f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
-                        f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
-                        "{gained} / {lost}".format(**r["rank1_changed"]) if "rank1_changed" in r else "",
-                        f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}",
-                        ", ".join(r["excluded_groups"]) or "none", len(r["fp32_nodes"]) or "none"] for r in accuracy]), ""]
+                table(["flavour", "calibration", *ACCURACY_COLUMNS, "kept FP32"],
+                      [[r["precision"], r.get("calibration", "percentile"), *_accuracy_cells(r),
+                        len(r["fp32_nodes"]) or "none"] for r in accuracy]), ""]
         trt = [r for r in accuracy if r.get("centred_cosine_ort_default") is not None]
         if trt:
             out += [f"TensorRT flavour through ONNX Runtime with its default FP16 bias rewrite (`WeightBiasQuantization`, "
@@ -132,16 +128,25 @@ def _export_sections(export: dict) -> list[str]:
     return out
 
 
+ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost",
+                    "mAP FP32 -> INT8", "not INT8"]
+
+
+def _accuracy_cells(r: dict) -> list:
+    """One INT8 accuracy row (bench_export.py and bench_int8_models.py write the same fields)."""
+    return [f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
+            f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
+            "{gained} / {lost}".format(**r["rank1_changed"]) if "rank1_changed" in r else "",
+            f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]
+
+
 def _int8_models_section(models: dict) -> list[str]:
-    rows = [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["flavour"], f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
-             f"{100 * r['fp32_rank1']:.1f} -> {100 * r['int8_rank1']:.1f} ({r['gained']} / {r['lost']})",
-             f"{100 * r['fp32_mAP']:.1f} -> {100 * r['int8_mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]
-            for r in models["rows"]]
     return [f"## INT8 accuracy across trained HAN-S models ({models['machine']}, {models['date']})", "",
             "`bench/bench_int8_models.py`: each checkpoint exported as `han-edge export --int8` does (analysis on 512 "
             "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries).", "",
-            table(["model", "flavour", "centred cosine", "NN agreement", "rank-1 FP32 -> INT8 (gained / lost)",
-                   "mAP FP32 -> INT8", "not INT8"], rows), ""]
+            table(["model", "flavour", *ACCURACY_COLUMNS],
+                  [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["precision"], *_accuracy_cells(r)]
+                   for r in models["rows"]]), ""]
 
 
 def _runtime_rows(rows: list[dict]) -> list[list]:

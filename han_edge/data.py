@@ -175,7 +175,11 @@ HELDOUT_SET = {"seed": 0, "train_ids": 0, "test_ids": 120, "distractors": 0, "fi
 
 
 def heldout_crops(root: str | Path | None = None) -> list[str]:
-    """Paths of the held-out crops, generated once in ``<synthetic root>-heldout`` (or ``root``)."""
+    """Paths of the held-out crops, generated once in ``<synthetic root>-heldout`` (or ``root``).
+
+    Beside the synthetic set, not in it: ``$HAN_EDGE_SYNTHETIC=/data/syn`` puts them in ``/data/syn-heldout``
+    (``.`` for the current folder: next to it, ``../<its name>-heldout``).
+    """
     from han_edge.synthetic import ensure_synthetic
 
     if root is None:
@@ -183,7 +187,10 @@ def heldout_crops(root: str | Path | None = None) -> list[str]:
         root = base.parent / f"{base.name or 'synthetic'}-heldout"
     try:
         root = ensure_synthetic(root, **HELDOUT_SET)
-    except HanEdgeError as err:   # ensure_synthetic's advice names --root, which does not choose this folder
+    except HanEdgeError as err:
+        if "--root" not in str(err):   # cannot write, cannot read: the message says what is wrong
+            raise
+        # a damaged, different or blocked set: ensure_synthetic's advice names --root, which does not choose this folder
         raise HanEdgeError(f"the held-out crops' folder {root} cannot be used ({str(err).split(';')[0]}); "
                            "delete or move it and han-edge generates it again") from None
     return [path for folder in ("query", "bounding_box_test")

@@ -102,9 +102,17 @@ class ExportOptions:
 
 def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     """Write the FP32 ONNX (+ FP16, + INT8) and report parity and accuracy figures."""
-    if options.calib_size < 1 or options.heldout_size < 2:
-        raise HanEdgeError(f"calib_size must be at least 1 and heldout_size at least 2, not {options.calib_size} "
-                           f"and {options.heldout_size}")
+    sizes = (options.calib_size, options.heldout_size)
+    if not all(isinstance(n, int) for n in sizes) or sizes[0] < 1 or sizes[1] < 2:
+        raise HanEdgeError(f"calib_size must be an integer of at least 1 and heldout_size one of at least 2, not "
+                           f"{sizes[0]!r} and {sizes[1]!r}")
+    if options.int8:
+        from han_edge.data import heldout_crops
+
+        crops = len(heldout_crops())
+        if options.heldout_size > crops // 2:
+            raise HanEdgeError(f"heldout_size {options.heldout_size} is more than half the {crops} held-out crops: "
+                               "the INT8 analysis and its report would share crops")
     model, config, source = load_torch_model(options.variant, options.checkpoint)
     log(f"HAN({config.variant}) from {source}")
     out = ensure_folder(options.out_dir, "export folder")

@@ -138,6 +138,9 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
     """
     from han_edge.fileio import ensure_folder
 
+    if not 1 <= first_id <= 10_000 - train_ids - test_ids:   # checked before anything is written
+        raise HanEdgeError(f"synthetic identities {first_id}..{first_id + train_ids + test_ids - 1} do not fit "
+                           "the Market layout's four digits")
     root = Path(root)
     for sub in SUBFOLDERS:
         ensure_folder(root / sub, "synthetic set folder")
@@ -147,9 +150,6 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
             raise HanEdgeError(f"cannot write synthetic image {path}: the disk is full or the folder is not writable")
     master = np.random.default_rng(seed)
     cameras = [make_camera(master) for _ in range(NUM_CAMERAS)]
-    if not 1 <= first_id <= 9999 - train_ids - test_ids:
-        raise HanEdgeError(f"synthetic identities {first_id}..{first_id + train_ids + test_ids - 1} do not fit "
-                           "the Market layout's four digits")
     for pid in range(first_id, first_id + train_ids + test_ids):
         rng = np.random.default_rng([seed, pid])
         identity = make_identity(rng)
@@ -179,7 +179,14 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
 
 def ensure_synthetic(root: str | Path, seed: int = 0, **sizes) -> Path:
     """Generate the set unless ``root`` already holds the same one (same seed and sizes)."""
-    root = Path(root)
+    try:
+        return _ensure_synthetic(Path(root), seed, sizes)
+    except OSError as err:   # a folder that cannot be entered or listed, a name too long, ...
+        raise HanEdgeError(f"synthetic set folder {root} cannot be read or created: "
+                           f"{err.strerror or err}") from None
+
+
+def _ensure_synthetic(root: Path, seed: int, sizes: dict) -> Path:
     marker = root / "synthetic.json"
     if marker.is_file():
         try:

@@ -137,8 +137,14 @@ def test_synthetic_identities_from_first_id_are_other_people_under_the_same_came
             assert (cv2.imread(str(f)) == cv2.imread(str(base / "query" / f.name))).all()
     first = sorted((same / "query").glob("*.jpg"))[0]
     assert (cv2.imread(str(first)) == cv2.imread(str(base / "bounding_box_train" / first.name))).all()
+    split = generate(tmp_path / "split", seed=3, train_ids=2, test_ids=2, distractors=0, first_id=5)
+    assert {int(p.name[:4]) for p in (split / "bounding_box_train").glob("*.jpg")} == {5, 6}
+    assert {int(p.name[:4]) for p in (split / "query").glob("*.jpg")} == {7, 8}
+    last = generate(tmp_path / "last", train_ids=0, test_ids=2, distractors=0, first_id=9998)
+    assert {int(p.name[:4]) for p in last.rglob("*.jpg")} == {9998, 9999}
     with pytest.raises(HanEdgeError, match="four digits"):
         generate(tmp_path / "big", train_ids=0, test_ids=2, first_id=9999)
+    assert not (tmp_path / "big").exists()   # refused before anything is written
 
 
 def test_heldout_crops_are_people_outside_the_synthetic_set(tmp_path):
@@ -147,10 +153,12 @@ def test_heldout_crops_are_people_outside_the_synthetic_set(tmp_path):
     crops = heldout_crops(tmp_path / "held")
     pids = {int(Path(p).name[:4]) for p in crops}
     assert pids == set(range(HELDOUT_SET["first_id"], HELDOUT_SET["first_id"] + HELDOUT_SET["test_ids"]))
-    assert len(crops) > 1000 and crops == heldout_crops(tmp_path / "held")   # generated once, same order
+    marker = (tmp_path / "held" / "synthetic.json").stat().st_mtime_ns
+    assert len(crops) > 1000 and crops == heldout_crops(tmp_path / "held")
+    assert (tmp_path / "held" / "synthetic.json").stat().st_mtime_ns == marker   # generated once
 
 
-def test_export_analysis_and_report_crops_are_disjoint_and_unseen():
+def test_export_analysis_and_report_crops_are_disjoint_and_unseen(synthetic_root):
     from han_edge.jobs import calibration_paths, heldout_paths
 
     analysis, report = heldout_paths(), heldout_paths(offset=1)
@@ -171,3 +179,5 @@ def test_heldout_folder_that_cannot_be_used_is_named_with_what_to_do(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(HanEdgeError, match="delete or move it"):
         heldout_crops(tmp_path / "file")
+    with pytest.raises(HanEdgeError, match="cannot be read or created: File name too long"):
+        heldout_crops(tmp_path / ("h" * 300))

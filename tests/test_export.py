@@ -282,9 +282,12 @@ def test_clear_errors(tmp_path, synthetic_root):
         export_all(ExportOptions(checkpoint=str(bad), out_dir=str(tmp_path)))
     with pytest.raises(HanEdgeError, match="unknown variant"):
         export_all(ExportOptions(variant="xl", out_dir=str(tmp_path)))
-    for sizes in ({"calib_size": 0}, {"calib_size": -3}, {"heldout_size": 1}, {"heldout_size": 0}):
-        with pytest.raises(HanEdgeError, match="calib_size must be at least 1 and heldout_size at least 2"):
+    for sizes in ({"calib_size": 0}, {"calib_size": -3}, {"heldout_size": 1}, {"heldout_size": 0},
+                  {"heldout_size": 2.5}):
+        with pytest.raises(HanEdgeError, match="calib_size must be an integer of at least 1 and heldout_size"):
             export_all(ExportOptions(out_dir=str(tmp_path / "never"), **sizes))
+    with pytest.raises(HanEdgeError, match=r"more than half the \d+ held-out crops: the INT8 analysis and its report"):
+        export_all(ExportOptions(out_dir=str(tmp_path / "never"), int8=True, heldout_size=540))
     assert not (tmp_path / "never").exists()
     with pytest.raises(HanEdgeError, match="limit of at least 1"):
         heldout_paths(0)
