@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from pathlib import Path
 
-from han_edge.errors import MissingDependencyError
+from han_edge.errors import HanEdgeError, MissingDependencyError
 
 
 def import_pymilvus():
@@ -23,6 +24,33 @@ def import_pymilvus():
 
 def is_remote(uri: str) -> bool:
     return str(uri).startswith(("http://", "https://", "tcp://", "grpc://"))
+
+
+def check_uri(uri) -> str:
+    """A Milvus server URI as is, or a Milvus Lite ``.db`` path in an existing folder; else one sentence."""
+    text = str(uri)
+    if not text:
+        raise HanEdgeError("the Milvus URI is empty; give a local .db file (Milvus Lite) or http://host:19530")
+    if is_remote(text):
+        return text
+    path = Path(text)
+    if path.suffix != ".db":
+        raise HanEdgeError(f"a Milvus Lite gallery is a file ending in .db, not {path.name!r} "
+                           "(or give http://host:19530 for a Milvus server)")
+    if not path.parent.is_dir():
+        raise HanEdgeError(f"cannot open Milvus Lite file {path}: folder {path.parent} does not exist")
+    return str(path)
+
+
+def call(uri: str, what: str, fn, *args, **kwargs):
+    """A client call; any client/server error becomes one sentence naming the operation."""
+    try:
+        with quiet_pymilvus():
+            return fn(*args, **kwargs)
+    except HanEdgeError:
+        raise
+    except Exception as err:
+        raise HanEdgeError(f"Milvus at {uri} failed to {what}: {first_line(err)}") from None
 
 
 def first_line(err) -> str:

@@ -28,7 +28,16 @@ import numpy as np
 
 from han_edge.errors import HanEdgeError
 from han_edge.indexes import Entries, VectorIndex, pad_results, recent_mask
-from han_edge.milvus_client import first_line, lite_acquire, lite_release, import_pymilvus, quiet_pymilvus, is_remote
+from han_edge.milvus_client import (
+    call,
+    check_uri,
+    first_line,
+    import_pymilvus,
+    is_remote,
+    lite_acquire,
+    lite_release,
+    quiet_pymilvus,
+)
 
 METRICS = {"l2": "L2", "cosine": "COSINE"}
 INDEX_TYPES = ("flat", "hnsw")
@@ -71,7 +80,7 @@ class MilvusIndex(VectorIndex):
         self.hnsw = {"M": int(hnsw_m), "efConstruction": int(hnsw_ef_construction)}
         self.hnsw_ef = int(hnsw_ef)
         self.timeout_s = float(timeout_s)
-        self.uri = self._check_uri(uri)
+        self.uri = check_uri(uri)
         self._lock = threading.Lock()
         pymilvus = import_pymilvus()
         self.client = None
@@ -93,30 +102,8 @@ class MilvusIndex(VectorIndex):
             raise
 
     # -- setup -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_uri(uri) -> str:
-        text = str(uri)
-        if not text:
-            raise HanEdgeError("the Milvus URI is empty; give a local .db file (Milvus Lite) or http://host:19530")
-        if is_remote(text):
-            return text
-        path = Path(text)
-        if path.suffix != ".db":
-            raise HanEdgeError(f"a Milvus Lite gallery is a file ending in .db, not {path.name!r} "
-                               "(or give http://host:19530 for a Milvus server)")
-        if not path.parent.is_dir():
-            raise HanEdgeError(f"cannot open Milvus Lite file {path}: folder {path.parent} does not exist")
-        return str(path)
-
     def _call(self, what: str, fn, *args, **kwargs):
-        """A client call; any client/server error becomes one sentence naming the operation."""
-        try:
-            with quiet_pymilvus():
-                return fn(*args, **kwargs)
-        except HanEdgeError:
-            raise
-        except Exception as err:
-            raise HanEdgeError(f"Milvus at {self.uri} failed to {what}: {first_line(err)}") from None
+        return call(self.uri, what, fn, *args, **kwargs)
 
     def _open_collection(self, pymilvus) -> None:
         client, name = self.client, self.collection
