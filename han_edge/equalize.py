@@ -10,8 +10,10 @@ per channel, so the ``1 / s_c`` costs them nothing. This is the activation side 
 equalization (Nagel et al., "Data-Free Quantization", 2019), with ranges measured on the
 calibration images; ONNX Runtime's quantiser has no such pass (its SmoothQuant covers MatMul/Gemm).
 
-On the demo's HAN-S (CPU flavour, 534 held-out crops, one run each, scales not yet capped), centred
-cosine 0.9981 -> 0.9983 and nearest-neighbour agreement 0.951 -> 0.974.
+On the demo's HAN-S (CPU flavour, the synthetic test set's 534 crops, one run each, scales not yet
+capped), centred cosine 0.9981 -> 0.9983 and nearest-neighbour agreement 0.951 -> 0.974; that sample
+flattered the agreement (see ``int8_layers.agreement_floor`` and ``bench/RESULTS.md`` for figures on
+the held-out people, ``data.heldout_crops``).
 """
 from __future__ import annotations
 

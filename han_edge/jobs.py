@@ -64,6 +64,9 @@ def heldout_paths(limit: int = 512, offset: int = 0) -> list[str]:
     if limit < 1:
         raise HanEdgeError(f"heldout_paths needs a limit of at least 1, not {limit}")
     items = heldout_crops()
+    if offset and limit > len(items) // 2:
+        raise HanEdgeError(f"heldout_size {limit} is more than half the {len(items)} held-out crops: "
+                           "the INT8 analysis and its report would share crops")
     return items[offset:: max(1, len(items) // limit)][:limit]
 
 
@@ -106,18 +109,13 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     if not all(isinstance(n, int) for n in sizes) or sizes[0] < 1 or sizes[1] < 2:
         raise HanEdgeError(f"calib_size must be an integer of at least 1 and heldout_size one of at least 2, not "
                            f"{sizes[0]!r} and {sizes[1]!r}")
-    if options.int8:
-        from han_edge.data import heldout_crops
-
-        crops = len(heldout_crops())
-        if options.heldout_size > crops // 2:
-            raise HanEdgeError(f"heldout_size {options.heldout_size} is more than half the {crops} held-out crops: "
-                               "the INT8 analysis and its report would share crops")
+    report_paths = heldout_paths(options.heldout_size)
+    analysis_paths = heldout_paths(options.heldout_size, offset=1) if options.int8 else []   # checked before work
     model, config, source = load_torch_model(options.variant, options.checkpoint)
     log(f"HAN({config.variant}) from {source}")
     out = ensure_folder(options.out_dir, "export folder")
     fp32_path = export_fp32(model, config, artefact_path(out, config.variant, "fp32"))
-    held = load_batch(heldout_paths(options.heldout_size), config)
+    held = load_batch(report_paths, config)
     result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, fp32_path, held[:32])}
     log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
         f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")
@@ -134,7 +132,7 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
         int8_path = artefact_path(out, config.variant, fmt)
         calib = load_batch(calibration_paths(options.calib_dir, options.calib_size, options.seed), config)
         log(f"calibrating INT8 ({options.int8_target} flavour, {options.calibration}) on {len(calib)} images")
-        analysis = load_batch(heldout_paths(options.heldout_size, offset=1), config)
+        analysis = load_batch(analysis_paths, config)
         report = export_int8(fp32_path, int8_path, calib, analysis, flavour=options.int8_target,
                              method=options.calibration, exclude=options.int8_exclude,
                              min_agreement=options.int8_min_agreement, report_batch=held, progress=progress)
