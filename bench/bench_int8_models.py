@@ -30,6 +30,8 @@ def main() -> None:
             int8 = result["int8"]
             rows.append({"source": result["source"], "precision": target, "centred_cosine": int8["centred_cosine"],
                          "neighbour_agreement": int8["neighbour_agreement"],
+                         "clear_neighbour_agreement": int8["clear_neighbour_agreement"],
+                         "clear_neighbour_share": int8["clear_neighbour_share"],
                          "excluded_groups": int8["excluded_groups"], **int8["retrieval"]})
             print(json.dumps(rows[-1]), flush=True)
     write_result("int8_models", rows)

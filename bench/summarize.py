@@ -128,13 +128,15 @@ def _export_sections(export: dict) -> list[str]:
     return out
 
 
-ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost",
+ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "NN agreement, clear neighbours (share)", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost",
                     "mAP FP32 -> INT8", "not INT8"]
 
 
 def _accuracy_cells(r: dict) -> list:
     """One INT8 accuracy row (bench_export.py and bench_int8_models.py write the same fields)."""
-    return [f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}",
+    clear = (f"{r['clear_neighbour_agreement']:.3f} ({100 * r['clear_neighbour_share']:.0f}%)"
+             if "clear_neighbour_agreement" in r else "")
+    return [f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}", clear,
             f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
             "{gained} / {lost}".format(**r["rank1_changed"]) if "rank1_changed" in r else "",
             f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]

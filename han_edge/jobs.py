@@ -140,7 +140,8 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
                           "retrieval": compare_retrieval(fp32_path, int8_path)}
         kept = ", ".join(report.excluded_groups) or "none"
         log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
-            f"{report.neighbour_agreement:.3f}, not INT8: {kept}"
+            f"{report.neighbour_agreement:.3f} ({report.clear_neighbour_agreement:.3f} on the "
+            f"{100 * report.clear_neighbour_share:.0f}% of crops whose neighbour leads by > 1%), not INT8: {kept}"
             f"{' (calibration cache reused)' if report.cache_reused else ''}")
         if report.ort_ops:
             log("ONNX Runtime CPU executes " + ", ".join(f"{v} {k}" for k, v in report.ort_ops.items() if v))

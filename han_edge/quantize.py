@@ -32,7 +32,7 @@ import numpy as np
 from han_edge.config import config_from_metadata, model_metadata
 from han_edge.equalize import equalize_depthwise_inputs
 from han_edge.errors import HanEdgeError
-from han_edge.evaluate import centred_cosine, neighbour_agreement
+from han_edge.evaluate import centred_cosine, clear_neighbour_agreement, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
@@ -83,7 +83,7 @@ def scoring_session(path, without_fp16_artefacts: bool):
 
 
 def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> dict[str, float]:
-    """Centred cosine and nearest-neighbour agreement of ``path``'s features against ``reference``.
+    """Centred cosine and nearest-neighbour agreement (all crops; clear neighbours) of ``path`` against ``reference``.
 
     Run as han-edge's runtime runs the file: for FP16-float files without ``ORT_FP16_ARTEFACTS``'s
     rewrite, whose FP16 arithmetic TensorRT does not do; those files also get the ``*_ort_default``
@@ -91,7 +91,9 @@ def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> d
     """
     fp16 = onnx_metadata(load_onnx(path)).get("han_edge.float_precision") == "fp16"
     got = run_ort(scoring_session(path, fp16), batch)
-    scores = {"centred_cosine": centred_cosine(reference, got), "neighbour_agreement": neighbour_agreement(reference, got)}
+    clear, share = clear_neighbour_agreement(reference, got)
+    scores = {"centred_cosine": centred_cosine(reference, got), "neighbour_agreement": neighbour_agreement(reference, got),
+              "clear_neighbour_agreement": clear, "clear_neighbour_share": share}
     if fp16:
         got = run_ort(ort_session(path), batch)
         scores.update(centred_cosine_ort_default=centred_cosine(reference, got),
@@ -117,6 +119,8 @@ class Int8Report:
     equalized_pairs: int = 0                                        # conv -> depthwise ranges equalised (equalize.py)
     centred_cosine: float = 0.0
     neighbour_agreement: float = 0.0
+    clear_neighbour_agreement: float = 0.0                          # over crops whose FP32 neighbour leads by > 1%
+    clear_neighbour_share: float = 0.0                              # ... and their share of the crops
     calibration_cache: str = ""
     cache_reused: bool = False
     fp32_nodes: list[str] = field(default_factory=list)            # TensorRT flavour: kept FP32 (FP16 hurt)

@@ -129,3 +129,24 @@ def test_multi_query_averages_same_camera_queries():
     f = np.array([[1.0, 0], [3.0, 0], [0, 5.0]])
     out = multi_query_features(f, [1, 1, 1], [0, 0, 1])
     np.testing.assert_allclose(out, [[2, 0], [2, 0], [0, 5]])
+
+
+def test_clear_neighbour_agreement_ignores_near_ties_but_not_moved_clear_neighbours():
+    from han_edge.evaluate import clear_neighbour_agreement, neighbour_agreement
+
+    # two pairs: a and b nearly tie as c's neighbour; d's neighbour e is clear
+    reference = np.array([[1.0, 0.0, 0.0], [0.995, 0.0998, 0.0], [0.995, -0.0998, 0.0],
+                          [0.0, 0.0, 1.0], [0.0, 0.3, 0.95], [0.0, -0.9, 0.3]])
+    # image 0's neighbour (1 or 2: 0.995 each, a tie broken by index) flips to 2
+    tie_flipped = reference + np.array([[0.0, -0.01, 0.0]] + [[0.0, 0.0, 0.0]] * 5)
+    assert neighbour_agreement(reference, tie_flipped) < 1
+    agreement, share = clear_neighbour_agreement(reference, tie_flipped)
+    assert agreement == 1.0 and 0 < share < 1
+    # image 3's clear neighbour 4 moves to 5
+    moved = reference.copy()
+    moved[3] = [0.0, -0.9, 0.4]
+    agreement, _ = clear_neighbour_agreement(reference, moved)
+    assert agreement < 1
+    # all ties: nothing to score
+    agreement, share = clear_neighbour_agreement(np.ones((4, 3)), np.ones((4, 3)))
+    assert share == 0 and np.isnan(agreement)

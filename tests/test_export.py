@@ -166,6 +166,7 @@ def test_int8_accuracy_on_trained_model(exported):
     int8 = result["int8"]
     assert int8["centred_cosine"] >= FIXTURE_CENTRED
     assert int8["neighbour_agreement"] >= FIXTURE_NEIGHBOUR
+    assert 0 < int8["clear_neighbour_share"] < 1 and int8["clear_neighbour_agreement"] >= FIXTURE_NEIGHBOUR
     fp32, q = int8["retrieval"]["fp32"], int8["retrieval"]["int8"]
     assert abs(fp32["rank1"] - q["rank1"]) <= FIXTURE_RANK1 and abs(fp32["mAP"] - q["mAP"]) <= FIXTURE_MAP
     changed = int8["retrieval"]["rank1_changed"]                     # paired: the net change is gained - lost
