@@ -128,7 +128,7 @@ def _export_sections(export: dict) -> list[str]:
     return out
 
 
-ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "NN agreement, clear neighbours (share)", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost",
+ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "NN agreement, clear neighbours (share)", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost (sign test)",
                     "mAP FP32 -> INT8", "not INT8"]
 
 
@@ -138,7 +138,9 @@ def _accuracy_cells(r: dict) -> list:
              if "clear_neighbour_agreement" in r else "")
     return [f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}", clear,
             f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
-            "{gained} / {lost}".format(**r["rank1_changed"]) if "rank1_changed" in r else "",
+            "{gained} / {lost}".format(**r["rank1_changed"]) + (f" (p {r['rank1_changed']['p_value']:.2f})"
+                                                                 if "p_value" in r.get("rank1_changed", {}) else "")
+            if "rank1_changed" in r else "",
             f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]
 
 

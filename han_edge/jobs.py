@@ -152,7 +152,8 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
         r = result["int8"]["retrieval"]
         log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
             f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f} | rank-1 hits gained "
-            f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries")
+            f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries "
+            f"(sign test p = {r['rank1_changed']['p_value']:.2f})")
     return result
 
 
@@ -187,9 +188,12 @@ def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
         out[name] = {k: metrics[k] for k in keys}
         hits[name] = metrics["first_rank"] == 0
     # Paired: queries whose rank-1 hit changed. A net change within about sqrt(gained + lost) queries
-    # is what that many coin flips give.
-    out["rank1_changed"] = {"gained": int((hits["int8"] & ~hits["fp32"]).sum()),
-                            "lost": int((hits["fp32"] & ~hits["int8"]).sum()), "queries": int(len(hits["fp32"]))}
+    # is what that many coin flips give; the exact sign test (McNemar's) says how likely that is.
+    from scipy.stats import binomtest
+
+    gained, lost = int((hits["int8"] & ~hits["fp32"]).sum()), int((hits["fp32"] & ~hits["int8"]).sum())
+    out["rank1_changed"] = {"gained": gained, "lost": lost, "queries": int(len(hits["fp32"])),
+                            "p_value": float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0}
     return out
 
 

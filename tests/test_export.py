@@ -171,6 +171,7 @@ def test_int8_accuracy_on_trained_model(exported):
     assert abs(fp32["rank1"] - q["rank1"]) <= FIXTURE_RANK1 and abs(fp32["mAP"] - q["mAP"]) <= FIXTURE_MAP
     changed = int8["retrieval"]["rank1_changed"]                     # paired: the net change is gained - lost
     assert changed["gained"] - changed["lost"] == round((q["rank1"] - fp32["rank1"]) * changed["queries"])
+    assert 0 < changed["p_value"] <= 1 and (changed["gained"] != changed["lost"] or changed["p_value"] == 1)
 
 
 @pytest.mark.slow
