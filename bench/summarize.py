@@ -135,7 +135,7 @@ ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "NN agreement, clear neigh
 def _accuracy_cells(r: dict) -> list:
     """One INT8 accuracy row (bench_export.py and bench_int8_models.py write the same fields)."""
     clear = (f"{r['clear_neighbour_agreement']:.3f} ({100 * r['clear_neighbour_share']:.0f}%)"
-             if "clear_neighbour_agreement" in r else "")
+             if "clear_neighbour_agreement" in r else "not in this run")
     return [f"{r['centred_cosine']:.4f}", f"{r['neighbour_agreement']:.3f}", clear,
             f"{100 * r['fp32']['rank1']:.1f} -> {100 * r['int8']['rank1']:.1f}",
             "{gained} / {lost}".format(**r["rank1_changed"]) + (f" (p {r['rank1_changed']['p_value']:.2f})"
