@@ -375,3 +375,34 @@ def test_resume_from_a_checkpoint_without_training_state(tmp_path, synthetic_roo
     refused(["train", "--resume", tmp_path / "weights_only.pt", "--epochs", "3", "--out", tmp_path / "x.pt"],
             "cannot be resumed: it holds no training state \\(optimizer, scheduler, loader_rng, torch_rng\\)")
     assert not (tmp_path / "x.pt").exists()
+
+
+# -- an output that is one of the inputs ----------------------------------------------------------------------
+@pytest.mark.parametrize("make_args, output, match", [
+    (lambda d: ["embed", "--engine", d / "m.onnx", "--images", d, "--out", d / "m.onnx"], "m.onnx", "--out .* is the --engine input"),
+    (lambda d: ["embed", "--engine", d / "m.onnx", "--images", d, "--boxes", d / "b.json", "--out", d / "b.json"], "b.json",
+     "--out .* is the --boxes input"),
+    (lambda d: ["match", "--gallery", d / "g.npz", "--query", d / "q.npz", "--json", d / "g.npz"], "g.npz", "--json .* --gallery"),
+    (lambda d: ["match", "--gallery", d / "g.npz", "--query", d / "q.npz", "--json", d / "q.npz"], "q.npz", "--json .* --query"),
+    (lambda d: ["profile", "cost", "--model", d / "m.onnx", "--json", d / "m.onnx"], "m.onnx", "--json .* --model"),
+    (lambda d: ["bench", "--engine", d / "m.onnx", "--json", d / "link.onnx"], "m.onnx", "--json .*link.onnx is the --engine"),
+    (lambda d: ["fold", d / "m.onnx", "--out", d / "hard.onnx"], "m.onnx", "--out .* is the model input"),
+    (lambda d: ["eval", "--checkpoint", d / "ck.pt", "--json", d / "ck.pt"], "ck.pt", "--json .* --checkpoint"),
+    (lambda d: ["export", "--checkpoint", d / "ck.pt", "--json", d / "ck.pt"], "ck.pt", "--json .* --checkpoint"),
+    (lambda d: ["visualize", "--checkpoint", d / "ck.pt", "--image", d / "i.png", "--out", d / "i.png"], "i.png", "--out"),
+    (lambda d: ["build", d / "m.onnx", "--engine", d / "m.onnx"], "m.onnx", "--engine .* is the onnx_path input"),
+])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, make_args, output, match):
+    for name in ("m.onnx", "b.json", "g.npz", "q.npz", "ck.pt", "i.png"):
+        (tmp_path / name).write_bytes(f"the user's {name}".encode())
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "m.onnx")
+    os.link(tmp_path / "m.onnx", tmp_path / "hard.onnx")
+    refused(make_args(tmp_path), match)
+    assert (tmp_path / output).read_bytes() == f"the user's {output}".encode()
+
+
+def test_resume_may_write_back_to_its_own_checkpoint(tmp_path):
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"not a checkpoint")
+    message = refused(["train", "--resume", ck, "--out", ck, "--epochs", "0"])
+    assert "is the --resume input" not in message and "ck.pt" in message   # refused for its content instead

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
@@ -68,9 +68,48 @@ class HanEdgeGroup(TyperGroup):
             fail(_os_error(err), 2)
 
 
-app = typer.Typer(cls=HanEdgeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+OUTPUTS = "han_edge.outputs"   # ctx.meta key: {option name: output file} recorded by ``output_file``
+
+
+class HanEdgeCommand(TyperCommand):
+    """A command that refuses an output file that is one of its input files, after parsing and before any work.
+
+    ``embed --engine m.onnx --out m.onnx`` would otherwise replace the model with a gallery file. Allowed
+    pairs (``SAME_FILE_OK``): ``train --resume ck.pt --out ck.pt`` continues a run in place (written atomically).
+    """
+
+    SAME_FILE_OK = {("out", "resume")}
+
+    def invoke(self, ctx):
+        import os
+
+        outputs = {name: path for name, path in ctx.meta.get(OUTPUTS, {}).items() if ctx.params.get(name) is not None}
+        for name, value in ctx.params.items():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if name in outputs or not isinstance(item, (str, Path)) or not os.path.isfile(item):
+                    continue
+                for out_name, out in outputs.items():
+                    if (out_name, name) not in self.SAME_FILE_OK and out.is_file() and os.path.samefile(out, item):
+                        raise HanEdgeError(f"{_option(self, out_name)} {out} is the {_option(self, name)} input; "
+                                           "give another file name")
+        return super().invoke(ctx)
+
+
+def _option(command, name: str) -> str:
+    param = next((p for p in command.params if p.name == name), None)
+    return param.opts[0] if param is not None and param.opts and param.opts[0].startswith("-") else name
+
+
+class HanEdgeTyper(typer.Typer):
+    """``typer.Typer`` whose commands are ``HanEdgeCommand``s."""
+
+    def command(self, *args, cls=HanEdgeCommand, **kwargs):
+        return super().command(*args, cls=cls, **kwargs)
+
+
+app = HanEdgeTyper(cls=HanEdgeGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="han-edge: HAN person re-id from training to TensorRT engines on Jetson and data-centre GPUs.")
-profile_app = typer.Typer(no_args_is_help=True, help="FLOPs/params per variant and cost-effectiveness tables.")
+profile_app = HanEdgeTyper(no_args_is_help=True, help="FLOPs/params per variant and cost-effectiveness tables.")
 app.add_typer(profile_app, name="profile")
 console = Console()
 
@@ -96,7 +135,7 @@ def _bad(err: HanEdgeError) -> typer.BadParameter:
 
 def output_file(what: str):
     """Callback for an output file option: the parent is created if missing, then the destination is checked."""
-    def check(value: Optional[Path]) -> Optional[Path]:
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
         if value is None:
             return None
         from han_edge.fileio import check_destination, ensure_folder
@@ -105,9 +144,11 @@ def output_file(what: str):
             path = Path(value)
             if str(value) and not str(value).endswith("/") and not path.parent.exists():
                 ensure_folder(path.parent, f"folder for the {what}")
-            return check_destination(value, what)
+            checked = check_destination(value, what)
         except HanEdgeError as err:
             raise _bad(err) from None
+        ctx.meta.setdefault(OUTPUTS, {})[param.name] = checked   # compared with the inputs (HanEdgeCommand)
+        return checked
     return check
 
 
