@@ -162,8 +162,11 @@ def test_output_under_a_file_or_read_only(tmp_path, model_file, monkeypatch):
 def test_missing_output_folders_are_created(tmp_path, model_file):
     from han_edge.cli.common import output_file
 
-    target = tmp_path / "new" / "deeper" / "r.json"
-    assert output_file("JSON report")(target) == target and target.parent.is_dir() and not target.exists()
+    from types import SimpleNamespace
+
+    target, ctx = tmp_path / "new" / "deeper" / "r.json", SimpleNamespace(meta={})
+    assert output_file("JSON report")(ctx, SimpleNamespace(name="as_json"), target) == target
+    assert target.parent.is_dir() and not target.exists() and ctx.meta["han_edge.outputs"] == {"as_json": target}
 
 
 def test_full_disk_while_writing_a_report_keeps_the_old_one(tmp_path, monkeypatch):
