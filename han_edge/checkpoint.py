@@ -12,6 +12,7 @@ from han_edge.validate import PYTHON_OBJECTS, reason
 
 FORMAT = "han-edge-checkpoint"
 VERSION = 1
+CLASSIFIERS = ("global_classifier.", "local_classifier.")   # training-only state_dict entries
 
 
 def save_checkpoint(path: str | Path, model, config: HANConfig, **state) -> None:
@@ -82,9 +83,19 @@ def model_from_checkpoint(path: str | Path, variant: str | None = None, map_loca
     num_classes = data.get("num_classes", 0)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= 10**7:
         raise HanEdgeError(f"checkpoint {path} has an invalid number of identities ({num_classes!r})")
-    model = HAN(config, num_classes)
+    # the identity classifiers (up to 10**7 rows) are training state: inference never builds them
+    weights = {k: v for k, v in data["state_dict"].items() if not str(k).startswith(CLASSIFIERS)}
+    model = HAN(config, 0)
     try:
-        model.load_state_dict(data["state_dict"])
+        model.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:
-        raise HanEdgeError(f"checkpoint {path} does not fit HAN({config.variant}): {str(err).splitlines()[0]}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines or ["?"])[0]
+        raise HanEdgeError(f"checkpoint {path} does not fit HAN({config.variant}): {reason(detail, 200)}") from None
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise HanEdgeError(f"checkpoint {path} has NaN or infinite weights in {len(broken)} tensors "
+                           f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): the training diverged "
+                           "or the file is damaged")
     return model.eval(), config, data

@@ -66,7 +66,12 @@ class HANConfig:
                 shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
                 raise HanEdgeError(f"{source}: HAN config field {key!r} must be {expected}, not {shown}")
             fixed[key] = value
-        return cls(**fixed)
+        config = cls(**fixed)
+        # crops are resampled from feature maps no larger than the input: a larger crop only costs memory
+        if any(h > config.input_size[0] or w > config.input_size[1] for h, w in config.crop_sizes):
+            raise HanEdgeError(f"{source}: HAN config crop_sizes {[list(c) for c in config.crop_sizes]} exceed "
+                               f"the input size {list(config.input_size)}")
+        return config
 
     @classmethod
     def from_json(cls, text: str, source: str = "the model file") -> "HANConfig":
@@ -110,10 +115,10 @@ _FIELD_RULES = {
                 "three strides of 1 or 2"),
     "widths": (_ints(3, 1, 8192), "three whole numbers from 1 to 8192"),
     "stem_width": (lambda v: _int(v, 1, 8192), "a whole number from 1 to 8192"),
-    "input_size": (_ints(2, 16, 4096), "[height, width], whole numbers from 16 to 4096"),
+    "input_size": (_ints(2, 16, 1024), "[height, width], whole numbers from 16 to 1024"),
     "regions": (lambda v: _int(v, 1, 64), "a whole number from 1 to 64"),
-    "crop_sizes": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_ints(2, 1, 4096)(x) for x in v),
-                   "three [height, width] pairs of whole numbers >= 1"),
+    "crop_sizes": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_ints(2, 1, 1024)(x) for x in v),
+                   "three [height, width] pairs of whole numbers from 1 to 1024"),
     "global_dim": (lambda v: _int(v, 1, 65536), "a whole number from 1 to 65536"),
     "local_dim": (lambda v: _int(v, 1, 65536), "a whole number from 1 to 65536"),
     "reduction": (lambda v: _int(v, 1, 8192), "a whole number from 1 to 8192"),

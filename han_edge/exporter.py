@@ -84,15 +84,32 @@ def load_batch(paths: list[str], config: HANConfig) -> np.ndarray:
     return images_to_batch([load_image(p) for p in paths], config.input_size, config.mean, config.std)
 
 
-def parity(torch_model, onnx_path: str | Path, batch: np.ndarray) -> dict:
-    """Cosine (min over images) and max abs difference of ONNX Runtime vs PyTorch features."""
+PARITY_MIN_COSINE = 0.999   # ONNX Runtime against PyTorch, FP32, every image
+
+
+def torch_features(torch_model, batch: np.ndarray, source: str = "the model") -> np.ndarray:
+    """PyTorch features of ``batch``; NaN or infinite ones (weights that overflow) are one sentence."""
     import torch
 
     with torch.no_grad():
-        expected = torch_model.eval()(torch.from_numpy(batch)).numpy()
+        features = torch_model.eval()(torch.from_numpy(batch)).numpy()
+    if not np.isfinite(features).all():
+        raise HanEdgeError(f"{source} gives NaN or infinite features for finite images: its weights are broken")
+    return features
+
+
+def parity(torch_model, onnx_path: str | Path, batch: np.ndarray) -> dict:
+    """Cosine (min over images) and max abs difference of ONNX Runtime vs PyTorch features.
+
+    Below ``PARITY_MIN_COSINE`` (or NaN) the export is wrong: one sentence naming the file.
+    """
+    expected = torch_features(torch_model, batch)
     got = run_ort(ort_session(onnx_path), batch)
-    return {"cosine_min": float(cosine_rows(expected, got).min()),
-            "max_abs_diff": float(np.abs(expected - got).max())}
+    result = {"cosine_min": float(cosine_rows(expected, got).min()), "max_abs_diff": float(np.abs(expected - got).max())}
+    if not result["cosine_min"] >= PARITY_MIN_COSINE:
+        raise HanEdgeError(f"{onnx_path} does not reproduce the PyTorch model (cosine {result['cosine_min']:.4f} on "
+                           f"some image, needs {PARITY_MIN_COSINE}): do not use it")
+    return result
 
 
 def op_counts(model) -> dict[str, int]:

@@ -26,6 +26,7 @@ from han_edge.exporter import (
     export_fp32,
     load_batch,
     parity,
+    torch_features,
 )
 from han_edge.fileio import ensure_folder, write_json
 from han_edge.formats import artefact_path
@@ -113,9 +114,10 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     analysis_paths = heldout_paths(options.heldout_size, offset=1) if options.int8 else []   # checked before work
     model, config, source = load_torch_model(options.variant, options.checkpoint)
     log(f"HAN({config.variant}) from {source}")
+    held = load_batch(report_paths, config)
+    torch_features(model, held[:32], source)   # weights that overflow are refused before any file is written
     out = ensure_folder(options.out_dir, "export folder")
     fp32_path = export_fp32(model, config, artefact_path(out, config.variant, "fp32"))
-    held = load_batch(report_paths, config)
     result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, fp32_path, held[:32])}
     log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
         f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")

@@ -1,0 +1,76 @@
+"""Hostile model files: checkpoints and configs that would cost all memory, NaN weights, a wrong network."""
+import dataclasses
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from han_edge.checkpoint import model_from_checkpoint, save_checkpoint
+from han_edge.cli import app
+from han_edge.config import HANConfig, get_config
+from han_edge.errors import HanEdgeError
+from han_edge.model import build_model
+
+
+def _checkpoint(path, num_classes=5, config=None, edit=None, payload_config=None):
+    torch.manual_seed(0)
+    model = build_model(config or "small", num_classes=num_classes)
+    if edit:
+        edit(model)
+    save_checkpoint(path, model, model.config)
+    if payload_config is not None:   # a config that does not describe the weights
+        data = torch.load(path, weights_only=True)
+        data["config"] = {**data["config"], **payload_config}
+        torch.save(data, path)
+    return path
+
+
+def test_inference_model_has_no_classifiers(tmp_path):
+    model, _, data = model_from_checkpoint(_checkpoint(tmp_path / "ck.pt", num_classes=7))
+    assert data["num_classes"] == 7 and "global_classifier.weight" in data["state_dict"]
+    assert not any("classifier" in name for name, _ in model.named_parameters())   # never built for inference
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_checkpoint(tmp_path, value):
+    def poison(model):
+        with torch.no_grad():
+            model.global_fc[0].weight[0, 0] = value
+    path = _checkpoint(tmp_path / "nan.pt", edit=poison)
+    with pytest.raises(HanEdgeError, match=r"nan\.pt has NaN or infinite weights in 1 tensors \(global_fc"):
+        model_from_checkpoint(path)
+
+
+def test_weights_that_overflow_are_refused_before_any_export_file(tmp_path, synthetic_root):
+    def blow_up(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1e30)
+    path = _checkpoint(tmp_path / "big.pt", edit=blow_up)
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(path), "--no-engine", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "NaN or infinite features for finite images" in result.output
+    assert not any(out.iterdir())
+
+
+def test_mismatched_weights_name_what_does_not_fit(tmp_path):
+    path = _checkpoint(tmp_path / "ck.pt", payload_config={"regions": 2})
+    with pytest.raises(HanEdgeError, match=r"does not fit HAN\(small\): (size mismatch|Missing key|Unexpected key)"):
+        model_from_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"crop_sizes": [[4096, 4096], [12, 14], [6, 7]]}, "crop_sizes"),
+    ({"crop_sizes": [[200, 28], [12, 14], [6, 7]]}, r"crop_sizes .* exceed the input size \[160, 64\]"),
+    ({"input_size": [4096, 4096]}, "input_size"),
+])
+def test_configs_that_only_cost_memory_are_refused(change, match):
+    stored = {**dataclasses.asdict(get_config("small")), **change}
+    with pytest.raises(HanEdgeError, match=match):
+        HANConfig.from_dict(stored, "checkpoint c2.pt")
+
+
+def test_crop_sizes_up_to_the_input_size_are_accepted():
+    stored = {**dataclasses.asdict(get_config("small")), "crop_sizes": [[160, 64], [12, 14], [6, 7]]}
+    assert HANConfig.from_dict(stored).crop_sizes[0] == (160, 64)
