@@ -171,6 +171,20 @@ def model_metadata(config: HANConfig, precision: str, **extra) -> dict[str, str]
     return meta
 
 
+NORMALIZATION_KEY = "han_edge.normalization"
+FOLDED, EXTERNAL = "folded", "external"
+
+
+def normalization_of(meta: dict[str, str], source: str = "the model") -> str:
+    """'folded' (takes RGB 0..255) or 'external' (takes normalised input; the default for older files)."""
+    value = meta.get(NORMALIZATION_KEY, EXTERNAL)
+    if value not in (FOLDED, EXTERNAL):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise HanEdgeError(f"{source}: unknown {NORMALIZATION_KEY} {shown} in its metadata; "
+                           f"expected '{FOLDED}' or '{EXTERNAL}'")
+    return value
+
+
 def config_from_metadata(meta: dict[str, str], source: str) -> tuple[HANConfig, str]:
     """(config, precision) from metadata written by ``model_metadata``, or a clear error."""
     if not isinstance(meta, dict):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.config import HANConfig, config_from_metadata
+from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes, ensure_folder
 
@@ -111,9 +111,9 @@ def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions
     if not model.is_file():
         raise HanEdgeError(f"model file {model} not found")
     config, precision, meta, engine_max = _read_model(model)
-    from han_edge.fold import fold_model, folded_name, normalization_of
+    from han_edge.fold import fold_model, folded_name
 
-    normalization = normalization_of(meta)
+    normalization = normalization_of(meta, str(model))
     is_engine = model.suffix.lower() in (".plan", ".engine")
     batch = options.batch_size if options.batch_size is not None else (engine_max or 16)
     if batch < 1:

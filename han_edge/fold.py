@@ -20,23 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.config import HANConfig, config_from_metadata
+from han_edge.config import FOLDED, NORMALIZATION_KEY, HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.onnx_io import INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata
 
-NORMALIZATION_KEY = "han_edge.normalization"
 COLOR_ORDER_KEY = "han_edge.color_order"
-FOLDED, EXTERNAL = "folded", "external"
 _NORMALISED = "han_edge_fold/normalised"
-
-
-def normalization_of(meta: dict[str, str]) -> str:
-    """'folded' or 'external' (the default for files written before the key existed)."""
-    value = meta.get(NORMALIZATION_KEY, EXTERNAL)
-    if value not in (FOLDED, EXTERNAL):
-        raise HanEdgeError(f"unknown {NORMALIZATION_KEY} {value!r} in the model's metadata; "
-                           f"expected '{FOLDED}' or '{EXTERNAL}'")
-    return value
 
 
 def fold_constants(config: HANConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from han_edge.config import HANConfig, config_from_metadata
+from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes, ensure_folder
 
@@ -218,6 +218,7 @@ def write_repository(model_path: str | Path, repo: str | Path, options: RepoOpti
     name = _check_name(options.name or default_name(served.path))
     if options.version < 1:
         raise HanEdgeError(f"model version must be >= 1, got {options.version}")
+    normalization = normalization_of(served.metadata, str(model_path))
     text = config_text(served, name, options)       # all checks before anything is written
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
@@ -229,7 +230,7 @@ def write_repository(model_path: str | Path, repo: str | Path, options: RepoOpti
     max_batch, preferred = plan_batching(served, options)
     return {"name": name, "config": str(config_out), "model": str(model_out), "platform": served.platform,
             "max_batch_size": max_batch, "preferred_batch_size": preferred,
-            "normalization": served.metadata.get("han_edge.normalization", "external"),
+            "normalization": normalization,
             "precision": served.precision}
 
 

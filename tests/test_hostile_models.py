@@ -74,3 +74,24 @@ def test_configs_that_only_cost_memory_are_refused(change, match):
 def test_crop_sizes_up_to_the_input_size_are_accepted():
     stored = {**dataclasses.asdict(get_config("small")), "crop_sizes": [[160, 64], [12, 14], [6, 7]]}
     assert HANConfig.from_dict(stored).crop_sizes[0] == (160, 64)
+
+
+@pytest.mark.parametrize("value", ["Folded", "folded ", "", "none"])
+def test_unknown_normalization_is_refused_by_every_reader(tmp_path, fresh_onnx, value):
+    from han_edge.deepstream import write_configs
+    from han_edge.onnx_io import load_onnx, save_onnx, set_metadata
+    from han_edge.runtime import Embedder
+    from han_edge.triton import write_repository
+
+    model = load_onnx(fresh_onnx[1])
+    set_metadata(model, {"han_edge.normalization": value})
+    path = tmp_path / "odd.onnx"
+    save_onnx(model, path)
+    match = "odd.onnx: unknown han_edge.normalization"
+    with pytest.raises(HanEdgeError, match=match):
+        Embedder(path)
+    with pytest.raises(HanEdgeError, match=match):
+        write_repository(path, tmp_path / "repo")
+    with pytest.raises(HanEdgeError, match=match):
+        write_configs(path, tmp_path / "ds")
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "ds").exists()   # refused before writing

@@ -7,7 +7,17 @@ __all__ = ["Backend", "open_backend"]
 
 
 def open_backend(source, **options) -> Backend:
-    """The backend for a model file (or ``grpc://`` URI), chosen by the format table."""
+    """The backend for a model file (or ``grpc://`` URI), chosen by the format table.
+
+    Metadata every backend relies on is checked here, naming the file: the normalisation form.
+    """
+    from han_edge.config import normalization_of
     from han_edge.formats import format_of
 
-    return format_of(source).open(source, **options)
+    backend = format_of(source).open(source, **options)
+    try:
+        normalization_of(backend.metadata, str(source))
+    except Exception:
+        backend.close()
+        raise
+    return backend

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import array_api_compat.numpy as host_xp
 
-from han_edge.config import HANConfig
+from han_edge.config import HANConfig, normalization_of
 from han_edge.errors import HanEdgeError
 
 
@@ -45,7 +45,7 @@ class Backend(ABC):
     @property
     def normalization(self) -> str:
         """'external': the model takes (x/255 - mean)/std; 'folded': it takes RGB 0..255 and normalises inside."""
-        return self.metadata.get("han_edge.normalization", "external")
+        return normalization_of(self.metadata, self.name)
 
     def check_output(self, features, n: int):
         """Features of n crops with the width the metadata promises, or one sentence why not."""
