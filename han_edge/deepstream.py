@@ -64,6 +64,9 @@ class Preprocessing:
     note: str
 
 
+INT32_MAX = 2**31 - 1
+
+
 def preprocessing(config: HANConfig, normalization: str) -> Preprocessing:
     """nvinfer's (scale, offsets) for a model taking ``normalization`` ('folded' or 'external') input."""
     if normalization == "folded":
@@ -124,6 +127,11 @@ def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions
         raise HanEdgeError(f"reidType must be 1 (NvDeepSORT), 2 (re-association) or 3 (both), got {options.reid_type}")
     if options.reid_history_size < 1:
         raise HanEdgeError(f"reidHistorySize must be at least 1, got {options.reid_history_size}")
+    ids = {"gie-unique-id": [options.gie_unique_id], "operate-on-gie-id": [options.operate_on_gie_id],
+           "operate-on-class-ids": list(options.operate_on_class_ids)}
+    for key, values in ids.items():   # DeepStream parses these as 32-bit ints
+        if not values or not all(0 <= v <= INT32_MAX for v in values):
+            raise HanEdgeError(f"{key} must be whole numbers from 0 to {INT32_MAX}, got {values}")
     if precision not in NVINFER_MODE:
         raise HanEdgeError(f"unknown precision {precision!r} in {model.name}")
     if precision == "int8-cpu":

@@ -16,6 +16,7 @@ version and GPU it was built with: build it with the TensorRT of the Triton rele
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,9 +133,13 @@ def default_name(path: str | Path) -> str:
     return stem.replace(".", "_").replace("-", "_")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _check_name(name: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
-        raise HanEdgeError(f"invalid Triton model name {name!r}: use letters, digits, '_' or '-'")
+    """A model name Triton and every file system take (it is the repository's folder name)."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
+        raise HanEdgeError(f"invalid Triton model name {name!r}: use 1 to 128 letters, digits, '_' or '-' (--name)")
     return name
 
 
@@ -215,9 +220,9 @@ def write_repository(model_path: str | Path, repo: str | Path, options: RepoOpti
     """Write ``repo/<name>/config.pbtxt`` and ``repo/<name>/<version>/model.{onnx,plan}``; returns the paths."""
     options = options or RepoOptions()
     served = describe_model(model_path)
-    name = _check_name(options.name or default_name(served.path))
-    if options.version < 1:
-        raise HanEdgeError(f"model version must be >= 1, got {options.version}")
+    name = _check_name(default_name(served.path) if options.name is None else options.name)
+    if not 1 <= options.version <= INT64_MAX:
+        raise HanEdgeError(f"model version must be from 1 to {INT64_MAX} (Triton reads it as int64), got {options.version}")
     normalization = normalization_of(served.metadata, str(model_path))
     text = config_text(served, name, options)       # all checks before anything is written
     repo = Path(repo)

@@ -409,3 +409,19 @@ def test_resume_may_write_back_to_its_own_checkpoint(tmp_path):
     ck.write_bytes(b"not a checkpoint")
     message = refused(["train", "--resume", ck, "--out", ck, "--epochs", "0"])
     assert "is the --resume input" not in message and "ck.pt" in message   # refused for its content instead
+
+
+def test_export_without_engine_leaves_no_engines_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "--no-engine", "--out", "ex"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ex" / "han_small.onnx").is_file() and not (tmp_path / "engines").exists()
+    (tmp_path / "a_file").write_text("")
+    refused(["export", "--engines", tmp_path / "a_file" / "e", "--out", "ex"], "--engines folder .* not a writable folder")
+    assert not (tmp_path / "a_file" / "e").exists()
+
+
+def test_train_without_steps_says_so(tmp_path, synthetic_root):
+    result = runner.invoke(app, ["train", "--root", str(synthetic_root), "--epochs", "0", "--out", str(tmp_path / "c.pt")])
+    assert result.exit_code == 0, result.output
+    assert "no training steps" in result.output and "nan" not in result.output

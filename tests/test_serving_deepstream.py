@@ -152,5 +152,8 @@ def test_cli_deepstream(fresh_onnx, tmp_path):
     assert prop["operate-on-class-ids"] == "0;2" and reid["reidHistorySize"] == 30
     result = CliRunner().invoke(app, ["deepstream", str(path), "--out", str(tmp_path / "ds2"), "--no-fold"])
     assert result.exit_code == 0 and "approximated" in result.output
-    result = CliRunner().invoke(app, ["deepstream", str(path), "--out", str(tmp_path / "ds3"), "--person-class", "x"])
-    assert result.exit_code == 2
+    for args in (["--person-class", "x"], ["--person-class", str(2**31)], ["--gie-id", str(2**31)],
+                 ["--operate-on-gie-id", "99999999999999999999999"]):
+        result = CliRunner().invoke(app, ["deepstream", str(path), "--out", str(tmp_path / "ds3"), *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert not list((tmp_path / "ds3").glob("*.txt")), args   # refused before any config is written

@@ -96,8 +96,12 @@ def test_bad_repository_options(fresh_onnx, tmp_path):
     _, path = fresh_onnx
     with pytest.raises(HanEdgeError, match="outside 1..8"):
         write_repository(path, tmp_path / "r", RepoOptions(max_batch=8, preferred=(16,)))
-    with pytest.raises(HanEdgeError, match="invalid Triton model name"):
-        write_repository(path, tmp_path / "r", RepoOptions(name="../x"))
+    for name in ("../x", "a b", "a\nb", "", "-" * 129, "x.y"):
+        with pytest.raises(HanEdgeError, match="invalid Triton model name"):
+            write_repository(path, tmp_path / "r", RepoOptions(name=name))
+    with pytest.raises(HanEdgeError, match="model version must be from 1 to 9223372036854775807"):
+        write_repository(path, tmp_path / "r", RepoOptions(version=2**63))
+    assert not (tmp_path / "r").exists()
     with pytest.raises(HanEdgeError, match="Triton serves"):
         write_repository(tmp_path / "m.pt", tmp_path / "r")
     assert not (tmp_path / "r").exists()

@@ -152,14 +152,25 @@ def output_file(what: str):
     return check
 
 
-def output_folder(what: str):
-    """Callback for an output folder option: created if missing, refused if it is a file or read-only."""
+def output_folder(what: str, create: bool = True):
+    """Callback for an output folder option: created if missing, refused if it is a file or read-only.
+
+    ``create=False``: a missing folder is only checked to be creatable (its nearest existing parent a
+    writable folder) and is made by the step that writes into it, so a step that does not run leaves none.
+    """
     def check(value: Optional[Path]) -> Optional[Path]:
         if value is None:
             return None
+        import os
+
         from han_edge.fileio import ensure_folder
 
         try:
+            if not create and str(value) and not Path(value).exists():
+                parent = next(p for p in Path(value).absolute().parents if p.exists())
+                if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                    raise HanEdgeError(f"cannot create {what} {value}: {parent} is not a writable folder")
+                return Path(value)
             return ensure_folder(value, what)
         except HanEdgeError as err:
             raise _bad(err) from None

@@ -32,7 +32,7 @@ def export(
     fold_normalization: bool = typer.Option(False, "--fold-normalization",
                                             help="ONNX files take RGB 0..255 and normalise inside (han-edge fold); engines are built from them"),
     out: Path = typer.Option(Path("export"), callback=output_folder("export --out folder")),
-    engines: Path = typer.Option(Path("engines"), callback=output_folder("--engines folder")),
+    engines: Path = typer.Option(Path("engines"), callback=output_folder("--engines folder", create=False)),
     as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
 ):
     """Export ONNX (FP32, FP16, INT8), then build the TensorRT engine when TensorRT and a GPU are present."""

@@ -53,7 +53,8 @@ def train(
             bar.update(task, completed=per_epoch * min(done, epochs) if isinstance(done, int) else 0)
         summary = run_training(data.train, data.num_train_pids, out, variant, options, resume, data.name, report)
     last = summary["history"][-1] if summary["history"] else {}
-    console.print(f"wrote {out} (HAN({summary['variant']}), {summary['device']}, final loss {last.get('loss', float('nan')):.3f})")
+    loss = f"final loss {last['loss']:.3f}" if "loss" in last else "no training steps: untrained weights"
+    console.print(f"wrote {out} (HAN({summary['variant']}), {summary['device']}, {loss})")
 
 
 def print_metrics(result: dict, title: str) -> None:
