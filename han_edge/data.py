@@ -25,9 +25,14 @@ class ReidData:
 
     def __post_init__(self):
         self.num_train_pids = len({pid for _, pid, _ in self.train})
+        limit = np.iinfo(np.int64)
         for split in ("train", "query", "gallery"):
             if not getattr(self, split):
                 raise HanEdgeError(f"{self.name}: the {split} split is empty")
+            for path, pid, cam in getattr(self, split):
+                if not (limit.min <= pid <= limit.max and limit.min <= cam <= limit.max):
+                    raise HanEdgeError(f"{self.name}: the identity ({pid}) or camera number of {path} is "
+                                       "beyond the 64-bit range")
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -83,8 +88,15 @@ def load_msmt17(root: str | Path) -> ReidData:
         list_path = root / list_name
         if not list_path.is_file():
             raise HanEdgeError(f"msmt17: list file {list_path} not found")
+        try:
+            text = list_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise HanEdgeError(f"msmt17: list file {list_path} is not UTF-8 text (byte {err.start} is "
+                               f"{err.object[err.start:err.start + 1]!r})") from None
+        except OSError as err:
+            raise HanEdgeError(f"msmt17: cannot read list file {list_path}: {err.strerror}") from None
         items = []
-        for n, line in enumerate(list_path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
@@ -105,24 +117,87 @@ def load_msmt17(root: str | Path) -> ReidData:
                     read_list("list_gallery.txt", "test"))
 
 
-def load_cuhk03(root: str | Path, labeled: bool = True) -> ReidData:
-    """CUHK03 767/700 protocol: images_{labeled,detected}/ + cuhk03_new_protocol_config_*.mat."""
-    from scipy.io import loadmat
+_CUHK03_KEYS = ("filelist", "labels", "camId", "train_idx", "query_idx", "gallery_idx")
+# scipy's .mat reader is not hardened against damaged files (a changed byte can crash the process), so a
+# child process reads the file and hands back plain arrays (file names as text, never pickled objects).
+# It runs in an empty folder with this process's import path, so no file beside the data is imported.
+_READ_MAT = """
+import sys
+sys.path[:] = sys.argv[4:]
+import numpy as np
+from scipy.io import loadmat
+try:
+    mat = loadmat(sys.argv[1])
+    out = {k: np.asarray(mat[k]) for k in sys.argv[3].split(",") if k in mat}
+    if "filelist" in out:
+        out["filelist"] = np.array([f if isinstance(f, str) else str(np.ravel(f)[0]) for f in np.ravel(out["filelist"])])
+    np.savez(sys.argv[2], **out)
+except Exception as err:
+    sys.exit(f"{type(err).__name__}: {err}".splitlines()[0])
+"""
 
+
+def _read_split_mat(mat_path: Path) -> dict[str, np.ndarray]:
+    """The CUHK03 split arrays of a .mat file, or one sentence saying what is wrong with it."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "split.npz"
+        done = subprocess.run([sys.executable, "-c", _READ_MAT, os.path.abspath(mat_path), str(out),
+                               ",".join(_CUHK03_KEYS), *(os.path.abspath(p) for p in sys.path)],
+                              cwd=tmp, capture_output=True, text=True, errors="replace")
+        if done.returncode:
+            why = (done.stderr.strip().splitlines() or [""])[-1]
+            if done.returncode < 0 or not why:
+                code = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+                why = f"the .mat reader crashed on it ({code}); the file is damaged"
+            raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {why}")
+        try:
+            with np.load(out, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except ValueError as err:   # an object (cell/struct) array where numbers or names belong
+            raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {err}") from None
+
+
+def _whole_numbers(mat: dict, key: str, mat_path: Path) -> np.ndarray:
+    values = np.ravel(mat[key])
+    if values.dtype.kind not in "iuf" or not np.all(np.isfinite(values) & (values == np.round(values))
+                                                    & (np.abs(values) < 2 ** 53)):
+        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {key} must hold whole numbers")
+    return values.astype(np.int64)
+
+
+def load_cuhk03(root: str | Path, labeled: bool = True) -> ReidData:
+    """CUHK03 767/700 protocol: images_{labeled,detected}/ + cuhk03_new_protocol_config_*.mat.
+
+    The split indices are MATLAB's, 1-based: 1 is the first entry of ``filelist``.
+    """
     kind = "labeled" if labeled else "detected"
     root = _require_dir(Path(root), "cuhk03")
     images = _require_dir(root / f"images_{kind}", "cuhk03")
     mat_path = root / f"cuhk03_new_protocol_config_{kind}.mat"
     if not mat_path.is_file():
         raise HanEdgeError(f"cuhk03: split file {mat_path} not found (the 767/700 protocol's .mat)")
-    try:
-        mat = loadmat(str(mat_path))
-        files = [str(np.ravel(f)[0]) if not isinstance(f, str) else f for f in np.ravel(mat["filelist"])]
-        labels = np.ravel(mat["labels"]).astype(int)
-        cams = np.ravel(mat["camId"]).astype(int)
-        splits = {k: np.ravel(mat[f"{k}_idx"]).astype(int) - 1 for k in ("train", "query", "gallery")}
-    except (KeyError, ValueError, OSError) as err:
-        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {err}") from None
+    mat = _read_split_mat(mat_path)
+    missing = [k for k in _CUHK03_KEYS if k not in mat]
+    if missing:
+        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: no {', '.join(missing)} variable")
+    files = [str(f) for f in np.ravel(mat["filelist"])]
+    labels, cams = _whole_numbers(mat, "labels", mat_path), _whole_numbers(mat, "camId", mat_path)
+    if not len(labels) == len(cams) == len(files):
+        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {len(files)} files but {len(labels)} labels "
+                           f"and {len(cams)} camera ids")
+    splits = {}
+    for key in ("train", "query", "gallery"):
+        index = _whole_numbers(mat, f"{key}_idx", mat_path)
+        bad = index[(index < 1) | (index > len(files))]
+        if bad.size:
+            raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {key}_idx holds {bad[0]}, but indices "
+                               f"are 1-based and filelist has {len(files)} entries (1..{len(files)})")
+        splits[key] = index - 1
 
     def take(key: str) -> list[Item]:
         return [(str(images / files[i]), int(labels[i]), int(cams[i]) - 1) for i in splits[key]]
@@ -139,7 +214,7 @@ def load_image_folder(root: str | Path) -> ReidData:
         folder = _require_dir(root / name, "imagefolder")
         items = []
         for pid_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if not pid_dir.name.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]+", pid_dir.name):   # int() refuses '²', which str.isdigit() accepts
                 raise HanEdgeError(f"imagefolder: identity folder {pid_dir} is not a number")
             for path in _images(pid_dir):
                 match = cam_re.search(path.stem)

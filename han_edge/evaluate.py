@@ -111,12 +111,16 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
 
     Takes squared-Euclidean distance matrices; like the authors' code it squares them again and
     scales each column by its maximum. Neighbour sets and the encoding V are sparse, so memory is
-    one dense (Q+G)^2 float32 matrix rather than several.
+    one dense (Q+G)^2 float32 matrix rather than several. On a set of fewer than ``k1 + 1`` or ``k2``
+    images the neighbour lists hold every image, as the authors' slicing gives.
     """
     q_g = np.asarray(q_g_dist, np.float32)
     num_q, num_g = q_g.shape
     if num_q == 0 or num_g == 0:
         raise HanEdgeError("re-ranking needs at least one query and one gallery item")
+    if k1 < 1 or k2 < 1:
+        raise HanEdgeError(f"re-ranking needs k1 and k2 of at least 1, got k1={k1}, k2={k2}")
+    k2 = min(k2, num_q + num_g)   # the query expansion averages the k2 nearest rows: at most all of them
     original = np.block([[np.asarray(q_q_dist, np.float32), q_g],
                          [q_g.T, np.asarray(g_g_dist, np.float32)]])
     np.square(original, out=original)

@@ -24,9 +24,25 @@ def _read_boxes(path: Path | None) -> dict | None:
 
 
 def _pid_cam(name: str) -> tuple[int, int]:
-    """Identity and camera from a Market-style file name, -1 where the name does not say."""
+    """Identity and camera from a Market-style file name; (-1, -1) where the name does not say.
+
+    A number beyond the gallery's 64-bit range is not an identity either: such a name says nothing.
+    """
     match = _PID_CAM.match(name)
-    return (int(match.group(1)), int(match.group(2)) - 1) if match else (-1, -1)
+    if not match:
+        return -1, -1
+    pid, cam = int(match.group(1)), int(match.group(2)) - 1
+    limit = np.iinfo(np.int64)
+    return (pid, cam) if limit.min <= pid <= limit.max and cam <= limit.max else (-1, -1)
+
+
+def _check_video_name(video: Path) -> None:
+    """OpenCV's video reader takes a UTF-8 name and crashes the process on any other (Linux names are bytes)."""
+    try:
+        str(video).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HanEdgeError(f"cannot open video {str(video)!r}: its name is not valid UTF-8, which OpenCV cannot "
+                           "open; rename the file") from None
 
 
 def embed_sources(model_path, images: Path | None, video: Path | None, boxes_path: Path | None,
@@ -64,6 +80,7 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
         if not video.is_file():
             raise HanEdgeError(f"video {video} not found")
         by_frame = frame_keys(boxes, str(boxes_path))
+        _check_video_name(video)
         capture = cv2.VideoCapture(str(video))
         if not capture.isOpened():
             raise HanEdgeError(f"cannot open video {video}")

@@ -147,10 +147,18 @@ def crop_batch_host(frame: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int
 
 
 def load_image(path) -> np.ndarray:
-    """A BGR uint8 image from disk, or a clear error naming the file."""
+    """A BGR uint8 image from disk, or a clear error naming the file.
+
+    The bytes are read by Python and decoded by OpenCV (``cv2.imdecode``): ``cv2.imread`` crashes the
+    process on a file name that is not valid UTF-8, and Python opens any name the system gives it.
+    """
     import cv2
 
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = np.fromfile(path, np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except (OSError, cv2.error):
+        image = None
     if image is None:
         raise HanEdgeError(f"cannot read image {path}: missing, corrupt or not an image")
     return image
