@@ -141,6 +141,33 @@ def unmatched_keys(boxes: dict, available: Iterable[str], source: str = "boxes f
                            f"{_names(missing)}")
 
 
+def boxes_by_file(boxes: dict, files: list, root, source: str = "boxes file") -> dict:
+    """{file: its boxes} for the image ``files`` under folder ``root`` that ``boxes`` names.
+
+    A key is the image's path under ``root`` (``cam1/0001.jpg``) or its bare name where that name is
+    unique; a bare name shared by images in several subfolders is refused, never applied to all of them.
+    Keys naming no image are refused (``unmatched_keys``).
+    """
+    from collections import Counter
+
+    root = Path(root)
+    relative = {f: Path(f).relative_to(root).as_posix() for f in files}
+    counts = Counter(Path(f).name for f in files)
+    found = {}
+    for f in files:
+        name = Path(f).name
+        if relative[f] in boxes:
+            found[f] = boxes[relative[f]]
+        elif name in boxes:
+            if counts[name] > 1:
+                same = sorted(r for g, r in relative.items() if Path(g).name == name)
+                raise HanEdgeError(f"{source} key {name!r} matches {counts[name]} images under {root} "
+                                   f"({_names(same)}); key their boxes by the path under {root}, e.g. {same[0]!r}")
+            found[f] = boxes[name]
+    unmatched_keys(boxes, [*relative.values(), *counts], source, f"the images in {root}")
+    return found
+
+
 def missing_frames(frames: Iterable[int], frame_count: int, source: str = "boxes file", video: str = "the video") -> None:
     """Refuse frame indices at or beyond the number of frames the video had."""
     missing = sorted(int(f) for f in frames if int(f) >= frame_count)

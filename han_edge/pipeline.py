@@ -52,7 +52,7 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
     Crops of several images / frames share inference batches (``Embedder.embed_frames``); features go
     into the gallery on the embedder's device (or into ``gallery``, e.g. a Milvus one).
     """
-    from han_edge.boxes import frame_keys, missing_frames, unmatched_keys
+    from han_edge.boxes import boxes_by_file, frame_keys, missing_frames
 
     embedder = Embedder(model_path)
     boxes = _read_boxes(boxes_path)
@@ -68,8 +68,8 @@ def embed_sources(model_path, images: Path | None, video: Path | None, boxes_pat
         if not files:
             raise HanEdgeError(f"no images in {images}")
         if boxes is not None:
-            unmatched_keys(boxes, [p.name for p in files], str(boxes_path), f"the images in {images}")
-            files = [p for p in files if p.name in boxes]
+            boxes = boxes_by_file(boxes, files, images, str(boxes_path))
+            files = [p for p in files if p in boxes]
         for start in range(0, len(files), frames_per_batch):
             _embed_images(embedder, gallery, files[start:start + frames_per_batch], boxes, progress)
     else:
@@ -113,7 +113,7 @@ def _embed_images(embedder: Embedder, gallery: Gallery, files: list[Path], boxes
         pids, cams = pid_cam[:, 0], pid_cam[:, 1]
     else:
         frames = [load_image(p) for p in files]
-        feats, which = embedder.embed_frames(frames, [boxes[p.name] for p in files], on_device=True)
+        feats, which = embedder.embed_frames(frames, [boxes[p] for p in files], on_device=True)
         pids, cams = pid_cam[which, 0], pid_cam[which, 1]
     gallery.add(pids, feats, cams)
     if progress:

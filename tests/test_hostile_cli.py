@@ -337,6 +337,30 @@ def test_embed_with_malformed_boxes(tmp_path, fresh_onnx, raw, match):
     assert not (tmp_path / "g.npz").exists()
 
 
+def test_boxes_keyed_by_a_name_two_subfolders_share_are_refused(tmp_path, fresh_onnx):
+    import cv2
+
+    from han_edge.gallery import Gallery
+
+    _, onnx_path = fresh_onnx
+    for cam in ("cam1", "cam2"):
+        (tmp_path / "dup" / cam).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "dup" / cam / "f.png"), np.zeros((64, 32, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "dup" / "solo.png"), np.zeros((64, 32, 3), np.uint8))
+    args = ["embed", "--engine", onnx_path, "--images", tmp_path / "dup", "--boxes", tmp_path / "b.json",
+            "--out", tmp_path / "g.npz"]
+    (tmp_path / "b.json").write_text('{"f.png": [[0, 0, 20, 40]]}')
+    refused(args, r"key 'f.png' matches 2 images under .*cam1/f.png.*cam2/f.png.*by the path")
+    assert not (tmp_path / "g.npz").exists()
+    # by path under the folder, or by a name only one image has: one box each, no other image embedded
+    (tmp_path / "b.json").write_text('{"cam2/f.png": [[0, 0, 20, 40]], "solo.png": [[0, 0, 10, 10]]}')
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert len(Gallery.load(tmp_path / "g.npz")) == 2
+    (tmp_path / "b.json").write_text('{"cam3/f.png": [[0, 0, 20, 40]]}')
+    refused(args, "names 1 image not among the images in")
+
+
 def test_embed_needs_exactly_one_source(tmp_path, model_file):
     refused(["embed", "--engine", model_file, "--out", tmp_path / "g.npz"], "exactly one of --images DIR or --video")
     refused(["embed", "--engine", model_file, "--images", tmp_path / "missing", "--out", tmp_path / "g.npz"],
