@@ -20,7 +20,7 @@ def embed(
                                help=".plan/.engine, .onnx, .pt or grpc://host:8001/name (Triton)"),
     images: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of images (whole images are crops unless --boxes)"),
     video: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="video file; needs --boxes keyed by frame index"),
-    boxes: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help='JSON {"image name" or "frame index": [[x1,y1,x2,y2], ...]}'),
+    boxes: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help='JSON {"path under --images" (or a unique image name) or "frame index": [[x1,y1,x2,y2], ...]}'),
     out: Optional[Path] = typer.Option(None, callback=output_file("gallery file"), help="output .npz (a gallery file han-edge match reads)"),
     gallery: Optional[str] = typer.Option(None, "--gallery", help="also add to a Milvus gallery: milvus:PATH.db (Milvus Lite) or milvus:http://host:19530"),
     milvus_index: Literal["flat", "hnsw"] = typer.Option("flat", help="index of a new Milvus gallery"),
