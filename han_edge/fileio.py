@@ -5,7 +5,9 @@ The bottom layer: imports nothing of han-edge but the error type.
 Guarantees (tested in ``tests/test_fileio.py``):
 
 - the destination is checked before any work with one sentence naming the problem: a directory,
-  a missing or non-folder parent, a read-only folder or file, a name ending in a separator, and
+  a missing or non-folder parent, a read-only folder or file, a name ending in a separator, something
+  that is not a regular file (FIFO, device, socket: never renamed over, never written into), this
+  process's own standard output (``/dev/stdout`` redirected to a file), a symlink loop, and
   (when the size is known) not enough free space;
 - the bytes go to ``.<name>.<pid>@<host>.<random>.tmp[suffix]`` beside the destination, are fsynced and renamed
   over it, so readers see the old file or the new one, never a mix, and a failed write (full disk,
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -39,6 +42,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT) if hasattr(errno, "EDQUOT") else (errno
 # Below this many free bytes an error from a library that hides errno (torch.save raises RuntimeError)
 # is reported as a full disk.
 _NEARLY_FULL = 1 << 20
+_NOT_FILES = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"),
+              (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
 
 
 def check_destination(path: str | Path, what: str = "output", size: int | None = None) -> Path:
@@ -54,14 +59,33 @@ def check_destination(path: str | Path, what: str = "output", size: int | None =
     path = Path(text)
     try:
         _check(path, what, size)
-    except OSError as err:    # e.g. a name too long to stat
+        if path.is_symlink():                # the write replaces the file the link points to
+            _check(_target(path), what, size)
+    except OSError as err:    # e.g. a name too long to stat, a symlink loop
         raise HanEdgeError(f"cannot write {what} {path}: {_reason(err)}") from None
     return path
+
+
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symlink's final target, so that the link stays a link."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _check(path: Path, what: str, size: int | None) -> None:
     if path.is_dir():
         raise HanEdgeError(f"{what} {path} is a directory; give a file name")
+    try:
+        st = os.stat(path)                   # follows links, /dev/stdout's included (ELOOP: a symlink loop)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):   # a rename would destroy it; writing into it is no file
+        kind = next((k for test, k in _NOT_FILES if test(st.st_mode)), "special file")
+        raise HanEdgeError(f"{what} {path} is a {kind}, not a regular file; han-edge replaces files whole, "
+                           f"so give a file name")
+    for fd, name in enumerate(("input", "output", "error") if st is not None else ()):
+        with contextlib.suppress(OSError):            # /dev/stdout redirected to a file: the rename would lose it
+            if os.path.samestat(st, os.fstat(fd)):
+                raise HanEdgeError(f"{what} {path} is this process's standard {name}; give a file name")
     parent = path.parent
     if not parent.exists():
         raise HanEdgeError(f"cannot write {what} {path}: folder {parent} does not exist")
@@ -105,6 +129,8 @@ def _reason(err: OSError) -> str:
         return "it is a directory"
     if err.errno == errno.ENOTDIR:
         return "a part of the path is not a folder"
+    if err.errno == errno.ELOOP:
+        return "its symbolic links form a loop"
     return (err.strerror or type(err).__name__).lower()
 
 
@@ -195,10 +221,7 @@ def atomic_path(path: str | Path, what: str = "output", size: int | None = None,
     it was; an ``OSError`` (or a library error on a file system that is now full) becomes one
     sentence, a ``HanEdgeError`` passes through, anything else is re-raised unchanged.
     """
-    path = check_destination(path, what, size)
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-        check_destination(path, what, size)
+    path = _target(check_destination(path, what, size))
     sweep_stale_temps(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f"{_stem(path)}{_writer_tag()}.", suffix=f".tmp{suffix}",

@@ -8,6 +8,7 @@ gallery across threads. Galleries of the exact and FAISS indexes save to a versi
 from __future__ import annotations
 
 import io
+import math
 import time
 import zipfile
 from pathlib import Path
@@ -101,7 +102,13 @@ class Gallery:
         """Remove every entry of the given identity ids; returns how many were removed."""
         from han_edge.validate import ids_array
 
-        return self._index.remove(ids=ids_array([ids] if np.ndim(ids) == 0 else ids))
+        try:
+            one = np.ndim(ids) == 0
+        except ValueError:                  # a ragged list: ids_array names its bad item
+            one = False
+        if one:
+            ids = [ids[()] if isinstance(ids, np.ndarray) else ids]
+        return self._index.remove(ids=ids_array(ids))
 
     def remove_older_than(self, when: float) -> int:
         """Remove entries added before ``when`` (seconds since the epoch); returns how many."""
@@ -151,14 +158,19 @@ class Gallery:
         return self._index.entries()
 
     def distances(self, queries, feats=None):
-        """(Q, G) host distances in the gallery's metric, to ``feats`` or to every entry (for evaluation)."""
+        """(Q, G) host distances in the gallery's metric, to ``feats`` or to every entry (for evaluation).
+
+        Both are checked as ``search`` checks its queries: (N, dim), real and finite.
+        """
         import array_api_compat.numpy as xp
 
         from han_edge.arrays import to_numpy
         from han_edge.indexes import distances
+        from han_edge.validate import features_array
 
-        feats = self.entries().feats if feats is None else to_numpy(feats)
-        return distances(xp, to_numpy(queries).astype(np.float32), feats.astype(np.float32), self.metric)
+        queries = to_numpy(features_array(queries, self.dim, "queries"))
+        feats = self.entries().feats if feats is None else to_numpy(features_array(feats, self.dim))
+        return distances(xp, queries, feats, self.metric)
 
     # -- files -----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -186,9 +198,10 @@ class Gallery:
             raise HanEdgeError(f"gallery file {path} not found")
         try:
             with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:   # closed on any error
-                data_version = data["format_version"][()]
+                _check_claims(data, path)
+                data_version = _scalar(data, "format_version", "iuf")     # 2.5 is refused below, True here
                 version = int(data_version)
-                stored_dim, metric = int(data["dim"]), str(data["metric"])
+                stored_dim, metric = int(_scalar(data, "dim", "iu")), str(_scalar(data, "metric", "U"))
                 feats, ids, cams = data["feats"], data["ids"], data["cams"]
                 times = data["times"] if "times" in data.files else np.zeros(len(ids))
         except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, TypeError, OverflowError):
@@ -212,6 +225,45 @@ class Gallery:
         except HanEdgeError as err:
             raise HanEdgeError(f"gallery file {path}: {err}") from None
         return gallery
+
+
+def _scalar(data, key: str, kinds: str):
+    """A 0-d member of one of the dtype kinds, else ValueError (the file is corrupt): no bool or string coerced."""
+    value = data[key]
+    if value.ndim != 0 or value.dtype.kind not in kinds:
+        raise ValueError(f"{key} is {value.dtype} {value.shape}")
+    return value[()]
+
+
+def _check_claims(data, path: Path) -> None:
+    """Refuse a member whose .npy header claims more bytes than the member holds, before NumPy allocates them."""
+    from numpy.lib import format as npy
+
+    names, archive = set(data.zip.namelist()), path.stat().st_size
+    for key in ("format_version", "dim", "metric", "feats", "ids", "cams", "times"):
+        if f"{key}.npy" not in names:
+            continue                                              # missing: a KeyError when read
+        info = data.zip.getinfo(f"{key}.npy")
+        with data.zip.open(info) as member:
+            read_header = getattr(npy, "read_array_header_{}_{}".format(*npy.read_magic(member)), None)
+            if read_header is None:
+                raise ValueError(f"{key}: unknown .npy version")
+            shape, _, dtype = read_header(member)
+            # the zip's own sizes are claims too: bounded by the archive's size (deflate expands at most 1032:1)
+            held, ratio = info.file_size, {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}.get(info.compress_type)
+            if ratio:
+                held = min(held, min(info.compress_size, archive) * ratio)
+            claimed = math.prod(shape) * dtype.itemsize
+            if claimed > held - member.tell():
+                raise HanEdgeError(f"gallery file {path} is corrupt or not a han-edge gallery: its {key} claim "
+                                   f"{_size(claimed)} in a {_size(archive)} file")
+
+
+def _size(n: int) -> str:
+    for unit, power in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << power:
+            return f"{n / (1 << power):.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _path(path) -> Path:

@@ -230,18 +230,14 @@ def _describe(value) -> str:
 def _backend_options(options: dict) -> dict:
     """The options every backend shares, checked before any file is opened (one sentence each)."""
     import math
-    import numbers
 
-    from han_edge.validate import positive_int, real_number
+    from han_edge.validate import positive_int, real_number, thread_count
 
     out = dict(options)
     if out.get("max_batch") is not None:
         out["max_batch"] = positive_int(out["max_batch"], "max_batch")
     if "threads" in out:
-        threads = out["threads"]
-        if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, numbers.Integral) or threads < 0:
-            raise HanEdgeError(f"threads must be a whole number >= 0 (0: the library's default); got {threads!r:.40}")
-        out["threads"] = int(threads)
+        out["threads"] = thread_count(out["threads"])
     if "timeout_s" in out:
         timeout = real_number(out["timeout_s"], "timeout_s")
         if not timeout > 0 or math.isinf(timeout):

@@ -35,6 +35,7 @@ from han_edge.errors import HanEdgeError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_FEATURE_DIM = 1 << 16
+MAX_THREADS = 1024                 # intra-op threads (the CLI's --threads bound): ONNX Runtime hangs creating 10**6
 # advice to load untrusted data unsafely, as PyTorch and NumPy word it (not bare words: a file may be
 # called weights_only.pt)
 _UNSAFE_ADVICE = re.compile(r"weights_only`?\s*(=|set to)\s*`?False|allow_pickle\s*=|trusted source|trust the source|"
@@ -150,6 +151,15 @@ def positive_int(value, name: str, maximum: int | None = None) -> int:
     if maximum is not None and value > maximum:
         raise HanEdgeError(f"{name} must be at most {maximum}; got {value}")
     return value
+
+
+def thread_count(value) -> int:
+    """Intra-op threads: a whole number from 0 (the library's default) to ``MAX_THREADS``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or \
+            not 0 <= int(value) <= MAX_THREADS:
+        raise HanEdgeError(f"threads must be a whole number >= 0 and at most {MAX_THREADS} (0: the library's default); "
+                           f"got {_describe(value)}")
+    return int(value)
 
 
 def feature_dim(dim) -> int:

@@ -17,6 +17,9 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_batch: int | None = None):
         import onnxruntime as ort
 
+        from han_edge.validate import thread_count
+
+        threads = thread_count(threads)           # ORT hangs creating a pool of 10**6 threads
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in (CUDA_PROVIDER, "CPUExecutionProvider") if p in available]

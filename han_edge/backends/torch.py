@@ -6,6 +6,7 @@ CI executes what a CUDA machine runs.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from han_edge.backends.base import Backend
@@ -27,13 +28,7 @@ class TorchBackend(Backend):
 
         if precision not in PRECISIONS:
             raise HanEdgeError(f"PyTorch runs checkpoints in {' or '.join(PRECISIONS)}, not {precision!r}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            self.device = torch.device(device)
-        except RuntimeError:
-            raise HanEdgeError(f"unknown PyTorch device {device!r}; use 'cpu' or 'cuda'") from None
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MissingDependencyError("device 'cuda' needs PyTorch with CUDA and an NVIDIA GPU; none is usable here")
+        self.device = _device(torch, device)
         if precision == "fp16" and self.device.type != "cuda":
             raise HanEdgeError("fp16 PyTorch inference is for CUDA; on the CPU use fp32")
         model, self.config, _ = model_from_checkpoint(path)
@@ -51,3 +46,20 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             x = batch.to(self.device, self._dtype).contiguous()
             return self.check_output(self.model(x).float(), batch.shape[0])
+
+
+def _device(torch, device):
+    """'cpu', 'cuda', 'cuda:N' or a torch.device of those; a number N is cuda:N, as torch reads it (never the CPU)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    number = isinstance(device, int) and not isinstance(device, bool) and device >= 0
+    text = f"cuda:{device}" if number else str(device) if isinstance(device, (str, torch.device)) else None
+    if text is None or not re.fullmatch(r"cpu|cuda(:\d{1,4})?", text):      # meta, mps, xla: not what runs here
+        raise HanEdgeError(f"unknown PyTorch device {device!r:.40}; use 'cpu', 'cuda' or 'cuda:N'")
+    said = f"device {device} means {text}, which" if number else f"device {text!r}"
+    if text != "cpu" and not torch.cuda.is_available():
+        raise MissingDependencyError(f"{said} needs PyTorch with CUDA and an NVIDIA GPU; none is usable here")
+    device = torch.device(text)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise HanEdgeError(f"{said} is not here: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

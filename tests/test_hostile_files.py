@@ -1,0 +1,248 @@
+"""Hostile files and values (review round 2): odd destinations, lying gallery files, unchecked API arguments.
+
+Every case ends in one ``HanEdgeError`` sentence and leaves what was on disk as it was: a FIFO, a symlink loop or
+the process's own standard output is never renamed over; a gallery file whose scalars have the wrong type or whose
+array headers claim more bytes than the file holds is refused before anything is allocated.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from han_edge import Embedder, Gallery
+from han_edge.fileio import atomic_write_bytes, check_destination, write_json
+from tests.test_hostile_inputs import refused
+
+X = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+
+
+# -- A2: destinations that are not regular files -----------------------------------------------------------------
+def _fifo(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize("case, match", [
+    ("fifo", "fifo is a FIFO \\(named pipe\\), not a regular file"),
+    ("link to fifo", "link is a FIFO"),
+    ("loop", "its symbolic links form a loop"),
+    ("dangling into missing folder", "folder .*missing does not exist"),
+])
+def test_destinations_that_are_not_regular_files_are_refused_and_kept(tmp_path, case, match):
+    if case == "fifo":
+        path = _fifo(tmp_path)
+    elif case == "link to fifo":
+        path = tmp_path / "link"
+        path.symlink_to(_fifo(tmp_path))
+    elif case == "loop":
+        path, other = tmp_path / "a.json", tmp_path / "b.json"
+        path.symlink_to(other)
+        other.symlink_to(path)
+    else:
+        path = tmp_path / "link"
+        path.symlink_to(tmp_path / "missing" / "x.json")
+    before = sorted((p.name, os.lstat(p).st_mode) for p in tmp_path.iterdir())
+    refused(match, check_destination, path, "report")
+    refused(match, write_json, path, {"a": 1})
+    refused(match, Gallery(8).save, path)
+    assert sorted((p.name, os.lstat(p).st_mode) for p in tmp_path.iterdir()) == before     # nothing replaced
+
+
+def test_saving_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "g.npz"
+    link.symlink_to(tmp_path / "real" / "g.npz")                   # dangling: the target is created
+    gallery = Gallery(8)
+    gallery.add(np.arange(5), X)
+    gallery.save(link)
+    gallery.save(link)                                             # and then replaced
+    assert link.is_symlink() and len(Gallery.load(tmp_path / "real" / "g.npz")) == 5
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["g.npz"]
+
+
+@pytest.mark.parametrize("stdout", ["file", "pipe"])
+def test_own_standard_output_is_refused_not_replaced(tmp_path, stdout):
+    # /proc/self/fd/1 is what /dev/stdout links to; a rename would replace a redirect's file (losing what was
+    # printed before), and a pipe has no folder to put a temp in ("only 0 bytes is free" was the wrong cause)
+    code = ("import sys; from han_edge.fileio import write_json\n"
+            "print('table', flush=True)\n"
+            "try:\n    write_json('/proc/self/fd/1', {'a': 1})\n"
+            "except Exception as err:\n    sys.stderr.write(type(err).__name__ + ': ' + str(err))\n")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as handle:
+        done = subprocess.run([sys.executable, "-c", code], stdout=handle if stdout == "file" else subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.stderr.startswith("HanEdgeError: "), done.stderr
+    assert "free" not in done.stderr and "\n" not in done.stderr.strip()
+    if stdout == "file":
+        assert "standard output" in done.stderr and out.read_text() == "table\n"
+    else:
+        assert "is a FIFO" in done.stderr and done.stdout == "table\n"
+
+
+def test_regular_files_still_overwrite(tmp_path):
+    target = tmp_path / "r.json"
+    atomic_write_bytes(target, b"old")
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
+# -- C6, D1: gallery files that lie ------------------------------------------------------------------------------
+def _npz(path, **changes):
+    arrays = dict(format_version=np.int64(2), dim=np.int64(8), metric=np.array("l2"), feats=X, ids=np.arange(5),
+                  cams=np.zeros(5, np.int64), times=np.zeros(5))
+    arrays.update(changes)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("changes", [
+    {"dim": np.float64(8.9)},                                                  # was read as 8
+    {"dim": np.float64(8.0)},
+    {"dim": np.bool_(True), "feats": X[:, :1]},                                # was read as 1
+    {"format_version": np.bool_(True)},                                        # was read as version 1
+    {"format_version": np.array("2")},                                         # was read as version 2
+    {"format_version": np.array([2])},
+    {"metric": np.array(["l2"])},
+    {"metric": np.int64(2)},
+])
+def test_gallery_scalars_of_the_wrong_type_are_corrupt(tmp_path, changes):
+    refused("is corrupt or not a han-edge gallery", Gallery.load, _npz(tmp_path / "g.npz", **changes))
+
+
+def _lying_npz(path, key, shape, dtype="<f4", data=b"\0" * 64, compression=zipfile.ZIP_STORED):
+    good = io.BytesIO(_npz(path).read_bytes())
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w", compression) as dst:
+        for name in src.namelist():
+            dst.writestr(name, header.getvalue() + data if name == f"{key}.npy" else src.read(name))
+    return path
+
+
+@pytest.mark.parametrize("key, shape, compression", [
+    ("feats", (2**40, 8), zipfile.ZIP_STORED),                      # was: MemoryError for 32 TiB
+    ("feats", (2**40, 8), zipfile.ZIP_DEFLATED),
+    ("feats", (5, 2**30), zipfile.ZIP_STORED),
+    ("ids", (2**50,), zipfile.ZIP_STORED),
+    ("times", (2**62,), zipfile.ZIP_STORED),
+])
+def test_gallery_headers_claiming_more_than_the_file_holds(tmp_path, key, shape, compression):
+    path = _lying_npz(tmp_path / "h.npz", key, shape, compression=compression)
+    message = refused(f"gallery file .*h.npz is corrupt or not a han-edge gallery: its {key} claim",
+                      Gallery.load, path)
+    assert "TiB" in message or "GiB" in message or "PiB" in message or "EiB" in message, message
+
+
+def test_gallery_zip_sizes_are_claims_too(tmp_path):
+    # the zip directory says feats.npy holds ~4 GiB (stored): bounded by the 2 KiB archive, not believed
+    path = _lying_npz(tmp_path / "z.npz", "feats", (2**27, 7))
+    raw = bytearray(path.read_bytes())
+    entry = raw.index(b"PK\x01\x02")                                                 # central directory
+    while raw[entry + 46:entry + 46 + len(b"feats.npy")] != b"feats.npy":
+        entry = raw.index(b"PK\x01\x02", entry + 4)
+    raw[entry + 20:entry + 28] = (0xFFFFFFFE).to_bytes(4, "little") * 2              # compressed, uncompressed size
+    path.write_bytes(bytes(raw))
+    refused("z.npz is corrupt or not a han-edge gallery: its feats claim 3.5 GiB in a 1.8 KiB file", Gallery.load, path)
+
+
+def test_honest_gallery_files_still_load(tmp_path):
+    gallery = Gallery(8)
+    gallery.add(np.arange(5), X)
+    buffer = io.BytesIO()
+    e = gallery.entries()
+    np.savez_compressed(buffer, format_version=np.int64(2), dim=np.int64(8), metric=np.array("l2"), feats=e.feats,
+                        ids=e.ids, cams=e.cams, times=e.times)
+    (tmp_path / "c.npz").write_bytes(buffer.getvalue())
+    assert len(Gallery.load(tmp_path / "c.npz")) == 5
+    assert len(Gallery.load(_npz(tmp_path / "f.npz", format_version=np.float64(2.0)))) == 5
+    assert len(Gallery.load(_npz(tmp_path / "u.npz", dim=np.uint8(8), format_version=np.int32(1)))) == 5
+
+
+# -- D2, D3: Gallery.remove and Gallery.distances ----------------------------------------------------------------
+def _gallery():
+    gallery = Gallery(8)
+    gallery.add(np.arange(5), X)
+    return gallery
+
+
+def test_remove_with_a_ragged_list(tmp_path):
+    gallery = _gallery()
+    refused("ids: id 0 is a list of 2, not an integer", gallery.remove, [[1, 2], [3]])
+    refused("ids must be 1-D", gallery.remove, np.array([[1, 2]]))
+    assert len(gallery) == 5
+    assert gallery.remove(np.int64(1)) == 1 and gallery.remove(2) == 1 and gallery.remove(np.array(3)) == 1
+    assert gallery.remove([4, 0]) == 2 and len(gallery) == 0
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.ones((1, 9)),), "queries must have shape \\(N, 8\\); got \\(1, 9\\)"),
+    ((X, np.ones((2, 3))), "features must have shape \\(N, 8\\); got \\(2, 3\\)"),
+    ((np.full((1, 8), np.nan),), "queries: NaN or infinite values in row 0"),
+    ((X, np.full((2, 8), np.inf)), "features: NaN or infinite values in rows 0, 1"),
+    ((np.ones(8),), "queries must have shape \\(N, 8\\); got \\(8,\\)"),
+    (("abc",), "queries must be an \\(N, 8\\) array of numbers"),
+    ((np.ones((1, 8), complex),), "queries must hold real numbers"),
+])
+def test_distances_validates_like_search(args, match):
+    refused(match, _gallery().distances, *args)
+
+
+def test_distances_still_match_search():
+    gallery = _gallery()
+    ids, dist = gallery.search(X, k=5)
+    full = gallery.distances(X)
+    assert full.shape == (5, 5) and np.allclose(np.sort(full, axis=1), dist, atol=1e-2)
+    assert np.allclose(gallery.distances(X[:2], X.astype(np.float64)), full[:2], atol=1e-5)
+
+
+# -- B3, D7: Embedder options ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1025, 10**6, 2**40, 2**70])
+def test_threads_are_bounded_like_the_cli(tmp_path, threads):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"not a model")                    # refused before the file is opened
+    refused(f"threads must be a whole number >= 0 and at most 1024 .*; got {threads}", Embedder, model, threads=threads)
+
+
+def test_threads_bound_applies_to_the_backend_too(tmp_path):
+    from han_edge.backends.onnxruntime import OnnxRuntimeBackend
+
+    refused("threads must be a whole number >= 0 and at most 1024", OnnxRuntimeBackend, tmp_path / "m.onnx", threads=10**6)
+    refused("threads must be a whole number", OnnxRuntimeBackend, tmp_path / "m.onnx", threads=1.5)
+
+
+@pytest.mark.parametrize("device, match", [
+    ("meta", "unknown PyTorch device 'meta'; use 'cpu', 'cuda' or 'cuda:N'"),     # was: NotImplementedError later
+    ("mps", "unknown PyTorch device 'mps'"),                                       # was: RuntimeError
+    ("CPU", "unknown PyTorch device 'CPU'"),
+    ("cuda:x", "unknown PyTorch device 'cuda:x'"),
+    (True, "unknown PyTorch device True"),
+    (1.0, "unknown PyTorch device 1.0"),
+    ("", "unknown PyTorch device ''"),
+])
+def test_pytorch_devices_outside_cpu_and_cuda(tmp_path, device, match):
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"refused before the file is read")
+    refused(match, Embedder, checkpoint, device=device)
+
+
+def test_pytorch_device_number_means_cuda(tmp_path):
+    import torch
+
+    checkpoint = tmp_path / "ck.pt"
+    checkpoint.write_bytes(b"refused before the file is read")
+    if torch.cuda.is_available():                         # a number is a CUDA device, as torch reads it
+        refused("device 99 means cuda:99", Embedder, checkpoint, device=99)
+    else:                                                 # was: silently the CPU
+        refused("device 0 means cuda:0, which needs PyTorch with CUDA and an NVIDIA GPU", Embedder, checkpoint,
+                device=0)
+    refused("unknown PyTorch device -1", Embedder, checkpoint, device=-1)
+
