@@ -35,9 +35,9 @@ class Embedder:
             if backend_options:
                 raise HanEdgeError(f"backend options {sorted(backend_options)} apply when opening a model file, "
                                    f"not to an opened Backend")
-            self.backend = model
+            self.backend, self.source = model, model.name
         else:
-            self.backend = open_backend(model, **_backend_options(backend_options))
+            self.backend, self.source = open_backend(model, **_backend_options(backend_options)), str(model)
         self.config: HANConfig = self.backend.config
         self.precision: str = self.backend.precision
         self.max_batch = min(max_batch or self.backend.max_batch, self.backend.max_batch)
@@ -104,7 +104,13 @@ class Embedder:
 
             pad = zeros(self.xp, (size - n, *batch.shape[1:]), self.xp.float32, self.array_device)
             batch = self.xp.concat([batch, pad])
-        return self.backend.infer(batch)[:n, ...]
+        features = self.backend.infer(batch)[:n, ...]
+        # broken weights or an input that overflows give NaN features: say so here, naming the model, not
+        # later as "NaN rows" in a gallery (one scalar read back per batch on the device path)
+        if not bool(self.xp.all(self.xp.isfinite(features))):
+            raise HanEdgeError(f"{self.source} gave NaN or infinite features for {n} crops: its weights are broken "
+                               "or the input is far outside the 0..255 image range")
+        return features
 
     # -- public API ------------------------------------------------------------------------------------
     def embed_batch(self, batch, on_device: bool = False):

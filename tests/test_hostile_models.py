@@ -95,3 +95,15 @@ def test_unknown_normalization_is_refused_by_every_reader(tmp_path, fresh_onnx, 
     with pytest.raises(HanEdgeError, match=match):
         write_configs(path, tmp_path / "ds")
     assert not (tmp_path / "repo").exists() and not (tmp_path / "ds").exists()   # refused before writing
+
+
+def test_embedder_refuses_non_finite_features_naming_the_model(fresh_onnx):
+    import numpy as np
+
+    from han_edge.runtime import Embedder
+
+    embedder = Embedder(fresh_onnx[1])
+    huge = np.full((2, 3, *embedder.config.input_size), 1e30, np.float32)   # finite input, features overflow
+    with pytest.raises(HanEdgeError, match=r"han_small.onnx gave NaN or infinite features for 2 crops"):
+        embedder.embed_batch(huge)
+    assert np.isfinite(embedder.embed_batch(np.zeros_like(huge))).all()

@@ -11,6 +11,7 @@ from rich.table import Table
 from han_edge.cli.common import (MAX_BATCH, MAX_GALLERY, app, batch_list, console, model_source, output_file,
                                  profile_app, progress_bar, write_json)
 from han_edge.errors import HanEdgeError
+from han_edge.validate import MAX_THREADS
 
 
 # -- runtime: embed / match / bench -----------------------------------------------------------------------
@@ -92,7 +93,7 @@ def bench(
     batch: str = typer.Option("1,8,32,64", callback=batch_list, help=f"comma-separated batch sizes, each 1..{MAX_BATCH}"),
     iters: int = typer.Option(20, min=1, max=100_000, help="timed iterations per batch size (after warm-up)"),
     gallery_size: int = typer.Option(10000, min=1, max=MAX_GALLERY, help="gallery entries to match against"),
-    threads: int = typer.Option(0, min=0, max=1024, help="ONNX Runtime intra-op threads (0: default)"),
+    threads: int = typer.Option(0, min=0, max=MAX_THREADS, help="ONNX Runtime intra-op threads (0: default)"),
     precision: Literal["fp32", "fp16"] = typer.Option("fp32", help=".pt checkpoints: PyTorch precision (fp16 on CUDA)"),
     device: Optional[Literal["cpu", "cuda"]] = typer.Option(None, help=".pt checkpoints: PyTorch device (default: cuda if present)"),
     as_json: Optional[Path] = typer.Option(None, "--json", callback=output_file("JSON report")),
