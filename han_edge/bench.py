@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from han_edge.errors import HanEdgeError
 from han_edge.gallery import Gallery
 from han_edge.runtime import Embedder
 
@@ -58,6 +59,18 @@ def fill_gallery(gallery: Gallery, size: int, dim: int, chunk: int = 65536, seed
         gallery.add(np.arange(start, start + n), entries / np.linalg.norm(entries, axis=1, keepdims=True))
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, threads: int = 0, warmup: int = 3,
               progress=None, queries: int = 64, **backend_options) -> dict:
     from han_edge.cuda import synchronize
@@ -72,6 +85,11 @@ def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, thr
     embedder = Embedder(model_path, **options)
     xp = embedder.xp
     sync = (lambda: synchronize(xp)) if embedder.device == "cuda" else (lambda: None)
+    dim = embedder.config.feature_dim
+    need, free = gallery_size * (4 * dim + 24), available_memory()   # float32 features + id, camera, time
+    if embedder.device != "cuda" and free is not None and need > 0.8 * free:
+        raise HanEdgeError(f"a {gallery_size}-entry gallery of {dim}-D features needs {need / 2**30:.1f} GiB and "
+                           f"this machine has {free / 2**30:.1f} GiB available; use a smaller --gallery-size")
     gallery = Gallery(embedder.config.feature_dim, device=embedder.placement, capacity=gallery_size)
     fill_gallery(gallery, gallery_size, embedder.config.feature_dim)
     rows = []

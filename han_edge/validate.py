@@ -106,7 +106,8 @@ def ids_array(ids, n: int | None = None, what: str = "ids") -> np.ndarray:
     elif isinstance(ids, np.ndarray) and ids.dtype.kind == "f":
         if ids.ndim != 1:
             raise HanEdgeError(f"{what} must be 1-D; got shape {ids.shape}")
-        bad = ~np.isfinite(ids) | (ids != np.round(ids)) | (ids < INT64_MIN) | (ids >= 2.0**63)
+        wide = ids.astype(np.float64)   # float16 cannot hold INT64_MIN (a cast warning, not an error)
+        bad = ~np.isfinite(wide) | (wide != np.round(wide)) | (wide < INT64_MIN) | (wide >= 2.0**63)
         if bad.any():
             i = int(np.argmax(bad))
             raise HanEdgeError(f"{what}: id {i} is {ids[i].item()!r}, not an integer (ids are never rounded)")

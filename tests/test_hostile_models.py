@@ -107,3 +107,26 @@ def test_embedder_refuses_non_finite_features_naming_the_model(fresh_onnx):
     with pytest.raises(HanEdgeError, match=r"han_small.onnx gave NaN or infinite features for 2 crops"):
         embedder.embed_batch(huge)
     assert np.isfinite(embedder.embed_batch(np.zeros_like(huge))).all()
+
+
+def test_bench_gallery_larger_than_memory_is_refused_before_allocating(fresh_onnx, monkeypatch):
+    from han_edge import bench
+
+    monkeypatch.setattr(bench, "available_memory", lambda: 1 << 30)   # 1 GiB: 10**6 entries need 3.8 GiB
+    with pytest.raises(HanEdgeError, match=r"1000000-entry gallery of 1024-D features needs 3\.8 GiB .* 1\.0 GiB"):
+        bench.run_bench(fresh_onnx[1], [1], 1, 10**6)
+    assert bench.available_memory() is None or bench.available_memory() > 0   # the real reading
+
+
+def test_float16_ids_give_no_cast_warning():
+    import warnings
+
+    import numpy as np
+
+    from han_edge.gallery import Gallery
+
+    gallery = Gallery(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gallery.add(np.array([1, 2], np.float16), np.eye(2, 4, dtype=np.float32))
+    assert sorted(gallery.entries().ids.tolist()) == [1, 2]
