@@ -17,6 +17,7 @@ import numpy as np
 
 from han_edge.errors import HanEdgeError
 from han_edge.indexes import Entries, VectorIndex
+from han_edge.validate import COSINE_MIN_NORM
 
 FORMAT_VERSION = 2                 # 2 added per-entry timestamps
 METRICS = ("l2", "cosine")
@@ -42,6 +43,7 @@ class Gallery:
         if not isinstance(index, str) or index not in INDEXES:
             raise HanEdgeError(f"unknown index {index!r}; one of {', '.join(INDEXES)}")
         self.metric, self.index = metric, index
+        self._min_norm = COSINE_MIN_NORM if metric == "cosine" else 0.0   # a zero row has no direction
         self.max_per_id = None if max_per_id is None else positive_int(max_per_id, "max_per_id")
         capacity = positive_int(capacity, "capacity")
         if not callable(clock):
@@ -85,7 +87,7 @@ class Gallery:
         """Append features with their identity ids, camera ids (-1 unknown) and times (default: now)."""
         from han_edge.validate import features_array, ids_array, real_number, times_array
 
-        feats = features_array(feats, self.dim)
+        feats = features_array(feats, self.dim, min_norm=self._min_norm)
         n = feats.shape[0]
         ids = ids_array(ids, n)
         cams = np.full(n, -1, np.int64) if cams is None else ids_array(cams, n, "camera ids")
@@ -142,7 +144,7 @@ class Gallery:
         if getattr(queries, "ndim", None) == 1 or (isinstance(queries, (list, tuple)) and queries
                                                    and np.ndim(queries[0]) == 0):
             queries = queries[None, ...] if hasattr(queries, "ndim") else [queries]
-        queries = features_array(queries, self.dim, "queries")
+        queries = features_array(queries, self.dim, "queries", self._min_norm)
         size = len(self)
         if size == 0:
             raise HanEdgeError("the gallery is empty: add features before searching")
@@ -168,8 +170,8 @@ class Gallery:
         from han_edge.indexes import distances
         from han_edge.validate import features_array
 
-        queries = to_numpy(features_array(queries, self.dim, "queries"))
-        feats = self.entries().feats if feats is None else to_numpy(features_array(feats, self.dim))
+        queries = to_numpy(features_array(queries, self.dim, "queries", self._min_norm))
+        feats = self.entries().feats if feats is None else to_numpy(features_array(feats, self.dim, min_norm=self._min_norm))
         return distances(xp, queries, feats, self.metric)
 
     # -- files -----------------------------------------------------------------------------------------

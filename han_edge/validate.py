@@ -201,12 +201,16 @@ def finite(array, what: str = "array"):
     raise HanEdgeError(f"{what}: NaN or infinite values in {where}")
 
 
-def features_array(array, dim: int, what: str = "features"):
+COSINE_MIN_NORM = 1e-5   # below it float32 cosine distances lose their meaning (|q|^2 |g|^2 underflows)
+
+
+def features_array(array, dim: int, what: str = "features", min_norm: float = 0.0):
     """A ``(N, dim)`` float32 array of finite real numbers (NumPy or array-API, left on its device).
 
     A 1-D vector is refused, not guessed to be one row; bools and complex numbers are refused (a cast
     would drop the imaginary part); values that overflow float32 (``1e300`` in a float64 array) or rows
-    whose squared norm does (the distances would be inf or NaN) are refused naming the rows.
+    whose squared norm does (the distances would be inf or NaN) are refused naming the rows; so are rows
+    with a norm below ``min_norm`` (a cosine gallery passes ``COSINE_MIN_NORM``: a zero row has no direction).
     """
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         try:
@@ -224,7 +228,11 @@ def features_array(array, dim: int, what: str = "features"):
             array = xp.astype(array, xp.float32)
             _rows_fit(xp, xp.all(xp.isfinite(array), axis=1), what, "values too large for float32")
         if array.shape[0]:
-            _rows_fit(xp, xp.isfinite(xp.sum(array * array, axis=1)), what, "a squared norm too large for float32")
+            squared = xp.sum(array * array, axis=1)
+            _rows_fit(xp, xp.isfinite(squared), what, "a squared norm too large for float32")
+            if min_norm > 0:
+                _rows_fit(xp, squared >= min_norm ** 2, what,
+                          f"a norm below {min_norm:g}, where the cosine distance is undefined")
     return array
 
 

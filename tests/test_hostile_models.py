@@ -130,3 +130,24 @@ def test_float16_ids_give_no_cast_warning():
         warnings.simplefilter("error")
         gallery.add(np.array([1, 2], np.float16), np.eye(2, 4, dtype=np.float32))
     assert sorted(gallery.entries().ids.tolist()) == [1, 2]
+
+
+def test_cosine_gallery_refuses_rows_without_a_direction():
+    import numpy as np
+
+    from han_edge.gallery import Gallery
+
+    x = np.eye(4, 8, dtype=np.float32)
+    cosine = Gallery(8, metric="cosine")
+    cosine.add(np.arange(4), x * 1e-3)                      # small but well defined: exact answers
+    ids, dists = cosine.search(x * 1e-3, k=1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3] and np.allclose(dists[:, 0], 0, atol=1e-5)
+    for scale in (1e-7, 0.0):
+        with pytest.raises(HanEdgeError, match=r"features: rows 0, 1, 2, 3 have a norm below 1e-05, where the cosine distance"):
+            cosine.add(np.arange(4), x * scale)
+        with pytest.raises(HanEdgeError, match=r"queries: rows 0, 1, 2, 3 have a norm below 1e-05"):
+            cosine.search(x * scale, k=1)
+    assert len(cosine) == 4
+    l2 = Gallery(8)                                          # Euclidean distances are defined at any scale
+    l2.add(np.arange(4), x * 0.0)
+    assert np.allclose(l2.search(x * 0.0, k=1)[1], 0)
