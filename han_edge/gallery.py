@@ -28,7 +28,8 @@ class Gallery:
     """Feature store with add / remove / search / save / load.
 
     ``metric="l2"`` returns Euclidean distances (the paper's matching, Section 3.4); ``"cosine"``
-    returns 1 - cosine similarity. ``device`` is 'cpu', 'cuda' or ``Embedder.placement`` (features
+    returns 1 - cosine similarity (``None`` with ``index="milvus"``: the stored collection's metric, l2 for a new
+    one). ``device`` is 'cpu', 'cuda' or ``Embedder.placement`` (features
     then never leave the device the embedder produced them on). ``max_per_id`` keeps only the N most
     recent entries of each identity (DeepStream's ``reidHistorySize``), so a 24/7 gallery stays bounded.
     """
@@ -38,18 +39,19 @@ class Gallery:
         from han_edge.validate import feature_dim, positive_int
 
         self.dim = feature_dim(dim)
-        if not isinstance(metric, str) or metric not in METRICS:
+        if not (metric is None and index == "milvus") and (not isinstance(metric, str) or metric not in METRICS):
             raise HanEdgeError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
         if not isinstance(index, str) or index not in INDEXES:
             raise HanEdgeError(f"unknown index {index!r}; one of {', '.join(INDEXES)}")
         self.metric, self.index = metric, index
-        self._min_norm = COSINE_MIN_NORM if metric == "cosine" else 0.0   # a zero row has no direction
         self.max_per_id = None if max_per_id is None else positive_int(max_per_id, "max_per_id")
         capacity = positive_int(capacity, "capacity")
         if not callable(clock):
             raise HanEdgeError(f"clock must be a function returning seconds (like time.time); got {clock!r:.40}")
         self._clock = clock
         self._index: VectorIndex = self._open_index(device, capacity, uri, index_type)
+        self.metric = self._index.metric   # metric=None (milvus): the stored collection's
+        self._min_norm = COSINE_MIN_NORM if self.metric == "cosine" else 0.0   # a zero row has no direction
 
     def _open_index(self, device, capacity, uri, index_type) -> VectorIndex:
         if self.index != "exact" and device not in ("cpu", None) and not isinstance(device, tuple):

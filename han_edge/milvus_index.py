@@ -65,7 +65,7 @@ class MilvusIndex(VectorIndex):
                  hnsw_ef_construction: int = 128, hnsw_ef: int = 128, token: str = "", timeout_s: float = 30.0):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not 1 <= int(dim) <= 32768:
             raise HanEdgeError(f"the gallery dimension must be a whole number from 1 to 32768, got {dim!r}")
-        if metric not in METRICS:
+        if metric is not None and metric not in METRICS:   # None: the stored collection's (new: l2)
             raise HanEdgeError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
         index_type = None if index_type is None else str(index_type).lower()   # None: the stored one (new: flat)
         if index_type is not None and index_type not in INDEX_TYPES:
@@ -110,7 +110,7 @@ class MilvusIndex(VectorIndex):
         if self._call("list collections", client.has_collection, name, timeout=self.timeout_s):
             self._check_existing()
             return
-        self.index_type = self.index_type or "flat"
+        self.index_type, self.metric = self.index_type or "flat", self.metric or "l2"
         DataType = pymilvus.DataType
         schema = client.create_schema(auto_id=True, enable_dynamic_field=False)
         schema.add_field("pk", DataType.INT64, is_primary=True)
@@ -139,7 +139,9 @@ class MilvusIndex(VectorIndex):
                            timeout=self.timeout_s) or {}
         metric = str(index.get("metric_type", "")).upper()
         kind = str(index.get("index_type", "")).lower()
-        if metric and metric != METRICS[self.metric]:
+        if self.metric is None:
+            self.metric = _metric_name(metric) if metric else "l2"
+        elif metric and metric != METRICS[self.metric]:
             raise HanEdgeError(f"gallery {self.collection!r} at {self.uri} is indexed for {metric}, not "
                                f"{METRICS[self.metric]}; open it with metric={_metric_name(metric)!r}")
         if self.index_type is None:

@@ -1,4 +1,5 @@
 """MilvusIndex on Milvus Lite (embedded) against a brute-force NumPy reference."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -275,3 +276,38 @@ def test_gallery_front_on_milvus_equals_exact(metric, tmp_path):
             Gallery(48, metric, index="milvus", uri=str(uri))
     finally:
         reopened.backend.close()
+    stored = Gallery(24, None, index="milvus", uri=str(uri))   # metric None: the collection's own
+    try:
+        assert stored.metric == metric and stored.backend.metric == metric
+        np.testing.assert_allclose(stored.search(queries, 4)[1], want[1], atol=1e-5)
+    finally:
+        stored.backend.close()
+    fresh = Gallery(24, None, index="milvus", uri=str(tmp_path / "new.db"))
+    try:
+        assert fresh.metric == "l2"
+    finally:
+        fresh.backend.close()
+
+
+def test_cli_match_uses_the_collection_metric_not_the_query_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+    from han_edge.gallery import Gallery
+
+    feats, ids, cams, times = _data(n=20, dim=16, ids=np.arange(20))
+    uri = tmp_path / "cos.db"
+    stored = Gallery(16, "cosine", index="milvus", uri=str(uri))
+    try:
+        stored.add(ids, feats, cams, times)
+    finally:
+        stored.backend.close()
+    query = Gallery(16)                       # an embed file: l2 by default
+    query.add(ids[:3], feats[:3] * 2.0, cams[:3])
+    query.save(tmp_path / "q.npz")
+    result = CliRunner().invoke(app, ["match", "--gallery", f"milvus:{uri}", "--query", str(tmp_path / "q.npz"),
+                                      "-k", "1", "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert [row[0] for row in report["ids"]] == [0, 1, 2]
+    assert np.allclose([row[0] for row in report["distances"]], 0, atol=1e-5)   # cosine: the scale does not count

@@ -44,7 +44,7 @@ def embed(
         gallery.save(out)
         console.print(f"wrote {out}: {count} features")
     if uri is not None:
-        target = open_milvus_gallery(uri, gallery.dim, gallery.metric, milvus_index)
+        target = open_milvus_gallery(uri, gallery.dim, None, milvus_index)
         e = gallery.entries()
         target.add(e.ids, e.feats, e.cams, e.times)
         console.print(f"added {count} features to the Milvus gallery at {uri} ({len(target)} entries)")
@@ -71,7 +71,7 @@ def match(
         qry = Gallery.load(query, dim=gal.dim)
     else:
         qry = Gallery.load(query)
-        gal = open_milvus_gallery(uri, qry.dim, qry.metric)
+        gal = open_milvus_gallery(uri, qry.dim)
     entries = qry.entries()
     q_feats, q_ids, q_cams = entries.feats, entries.ids, entries.cams
     ids, dists = gal.search(q_feats, k, q_cams, exclude_same_camera)

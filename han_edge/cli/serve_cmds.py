@@ -106,8 +106,12 @@ def milvus_uri(spec: Optional[str]) -> Optional[str]:
     return uri
 
 
-def open_milvus_gallery(uri: str, dim: int, metric: str = "l2", index_type: Optional[str] = None):
-    """A ``Gallery`` on a Milvus collection (created if new; ``index_type`` None: whatever it already has)."""
+def open_milvus_gallery(uri: str, dim: int, metric: Optional[str] = None, index_type: Optional[str] = None):
+    """A ``Gallery`` on a Milvus collection (created if new: l2, flat; ``metric``/``index_type`` None: what it has).
+
+    The CLI has no metric option: a collection is matched with the metric it was created with, as an .npz
+    gallery is, whatever the query file's.
+    """
     from han_edge.gallery import Gallery
 
     return Gallery(dim=dim, metric=metric, index="milvus", uri=uri, index_type=index_type)
