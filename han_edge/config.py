@@ -67,6 +67,10 @@ class HANConfig:
                 raise HanEdgeError(f"{source}: HAN config field {key!r} must be {expected}, not {shown}")
             fixed[key] = value
         config = cls(**fixed)
+        table = VARIANTS[config.variant].strides   # Table 1: the variants differ in their strides alone
+        if config.strides != table:
+            raise HanEdgeError(f"{source}: HAN config says HAN({config.variant}), whose strides are {list(table)}, "
+                               f"but holds {list(config.strides)}")
         # crops are resampled from feature maps no larger than the input: a larger crop only costs memory
         if any(h > config.input_size[0] or w > config.input_size[1] for h, w in config.crop_sizes):
             raise HanEdgeError(f"{source}: HAN config crop_sizes {[list(c) for c in config.crop_sizes]} exceed "

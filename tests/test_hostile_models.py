@@ -1,5 +1,6 @@
 """Hostile model files: checkpoints and configs that would cost all memory, NaN weights, a wrong network."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -151,3 +152,10 @@ def test_cosine_gallery_refuses_rows_without_a_direction():
     l2 = Gallery(8)                                          # Euclidean distances are defined at any scale
     l2.add(np.arange(4), x * 0.0)
     assert np.allclose(l2.search(x * 0.0, k=1)[1], 0)
+
+
+@pytest.mark.parametrize("variant, strides", [("large", [2, 1, 1]), ("small", [1, 1, 1])])
+def test_a_variant_name_that_contradicts_its_strides_is_refused(tmp_path, variant, strides):
+    path = _checkpoint(tmp_path / "ck.pt", payload_config={"variant": variant, "strides": strides})
+    with pytest.raises(HanEdgeError, match=rf"says HAN\({variant}\), whose strides are .* but holds {re.escape(str(strides))}"):
+        model_from_checkpoint(path)
