@@ -42,6 +42,23 @@ def check_uri(uri) -> str:
     return str(path)
 
 
+def connect(pymilvus, uri: str, token: str, timeout_s: float, lite_path: str | None):
+    """A ``MilvusClient`` (a Milvus Lite file is held for this process until ``lite_release``), or one sentence."""
+    lite_acquire(lite_path)
+    try:
+        with quiet_pymilvus():
+            return pymilvus.MilvusClient(uri=uri, token=token, timeout=timeout_s)
+    except Exception as err:
+        lite_release(lite_path)
+        if lite_path and Path(lite_path).is_file():   # Milvus Lite 3 keeps a folder of that name
+            raise HanEdgeError(f"{uri} is a file, not a Milvus Lite database (Milvus Lite keeps its data in a "
+                               "folder of that name); choose another name") from None
+        if lite_path:
+            raise HanEdgeError(f"cannot open Milvus Lite file {uri} ({first_line(err)}); Milvus Lite lets "
+                               "one process open a file at a time: is another process using it?") from None
+        raise HanEdgeError(f"cannot reach Milvus at {uri}: {first_line(err)}") from None
+
+
 def call(uri: str, what: str, fn, *args, **kwargs):
     """A client call; any client/server error becomes one sentence naming the operation."""
     try:

@@ -31,10 +31,9 @@ from han_edge.indexes import Entries, VectorIndex, pad_results, recent_mask
 from han_edge.milvus_client import (
     call,
     check_uri,
-    first_line,
+    connect,
     import_pymilvus,
     is_remote,
-    lite_acquire,
     lite_release,
     quiet_pymilvus,
 )
@@ -85,16 +84,7 @@ class MilvusIndex(VectorIndex):
         pymilvus = import_pymilvus()
         self.client = None
         self._lite_path = None if is_remote(self.uri) else str(Path(self.uri).resolve())
-        lite_acquire(self._lite_path)
-        try:
-            with quiet_pymilvus():
-                self.client = pymilvus.MilvusClient(uri=self.uri, token=token, timeout=self.timeout_s)
-        except Exception as err:
-            lite_release(self._lite_path)
-            if self._lite_path:
-                raise HanEdgeError(f"cannot open Milvus Lite file {self.uri} ({first_line(err)}); Milvus Lite lets "
-                                   "one process open a file at a time: is another process using it?") from None
-            raise HanEdgeError(f"cannot reach Milvus at {self.uri}: {first_line(err)}") from None
+        self.client = connect(pymilvus, self.uri, token, self.timeout_s, self._lite_path)
         try:
             self._open_collection(pymilvus)
         except BaseException:

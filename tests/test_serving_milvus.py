@@ -311,3 +311,14 @@ def test_cli_match_uses_the_collection_metric_not_the_query_files(tmp_path):
     report = json.loads((tmp_path / "m.json").read_text())
     assert [row[0] for row in report["ids"]] == [0, 1, 2]
     assert np.allclose([row[0] for row in report["distances"]], 0, atol=1e-5)   # cosine: the scale does not count
+
+
+@pytest.mark.parametrize("content", [b"SQLite format 3\0junk", b"", b"\x00" * 64])
+def test_a_file_that_is_not_a_milvus_lite_database_is_named_and_kept(tmp_path, content):
+    from han_edge.gallery import Gallery
+
+    path = tmp_path / "users.db"
+    path.write_bytes(content)
+    with pytest.raises(HanEdgeError, match="users.db is a file, not a Milvus Lite database"):
+        Gallery(8, index="milvus", uri=str(path))
+    assert path.read_bytes() == content
