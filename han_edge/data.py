@@ -186,6 +186,10 @@ def load_cuhk03(root: str | Path, labeled: bool = True) -> ReidData:
     if missing:
         raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: no {', '.join(missing)} variable")
     files = [str(f) for f in np.ravel(mat["filelist"])]
+    outside = next((f for f in files if Path(f).is_absolute() or ".." in Path(f).parts), None)
+    if outside is not None:   # the split file names images; it does not choose which files are read
+        raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: filelist entry {outside!r} points outside "
+                           f"{images}")
     labels, cams = _whole_numbers(mat, "labels", mat_path), _whole_numbers(mat, "camId", mat_path)
     if not len(labels) == len(cams) == len(files):
         raise HanEdgeError(f"cuhk03: malformed split file {mat_path}: {len(files)} files but {len(labels)} labels "

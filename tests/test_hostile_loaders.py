@@ -1,6 +1,7 @@
 """Hostile inputs to the image, video and dataset readers: odd file names, damaged list and split files."""
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -193,3 +194,11 @@ def test_rerank_on_fewer_images_than_k2():
     assert np.isfinite(capped).all() and capped.shape == (2, 3)
     with pytest.raises(HanEdgeError, match="k1 and k2 of at least 1"):
         re_ranking(*dists, k2=0)
+
+
+@pytest.mark.parametrize("entry", ["../secret.png", "/etc/passwd", "a/../../b.png"])
+def test_cuhk03_file_list_cannot_point_outside_the_images(tmp_path, entry):
+    names = [f"1_00{pid}_{cam}_01.png" for pid, cam in [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)]] + [entry]
+    root = cuhk03_root(tmp_path, filelist=np.array(names, dtype=object).reshape(-1, 1))
+    with pytest.raises(HanEdgeError, match=rf"filelist entry {re.escape(repr(entry))} points outside"):
+        load_cuhk03(root)
