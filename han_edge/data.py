@@ -245,7 +245,10 @@ def default_synthetic_root() -> Path:
     """Where the synthetic set lives unless --root says otherwise ($HAN_EDGE_SYNTHETIC or data/synthetic)."""
     import os
 
-    return Path(os.environ.get("HAN_EDGE_SYNTHETIC", "data/synthetic"))
+    value = os.environ.get("HAN_EDGE_SYNTHETIC", "data/synthetic")
+    if not value.strip():   # an empty value would mean the current folder (and a held-out set beside it)
+        raise HanEdgeError("HAN_EDGE_SYNTHETIC is set but empty; unset it or give the synthetic set's folder")
+    return Path(value)
 
 
 # People neither trained nor tested on in the synthetic set (identities 1001-1120, the same six cameras):

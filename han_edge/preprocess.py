@@ -152,8 +152,17 @@ def load_image(path) -> np.ndarray:
     The bytes are read by Python and decoded by OpenCV (``cv2.imdecode``): ``cv2.imread`` crashes the
     process on a file name that is not valid UTF-8, and Python opens any name the system gives it.
     """
+    import os
+    import stat
+
     import cv2
 
+    try:   # a FIFO or device named *.jpg would block the read forever
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise HanEdgeError(f"cannot read image {path}: not a regular file (a pipe or device)")
+    except (OSError, ValueError):
+        pass   # missing or unnamable: the read below says so
     try:
         data = np.fromfile(path, np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None

@@ -108,6 +108,10 @@ def _calibration_key(fp32_path: Path, calib_batch: np.ndarray, method: str, flav
     return digest.hexdigest()[:16]
 
 
+def _key_line(key: str, cache: bytes) -> bytes:
+    return f"{key} {hashlib.sha256(cache).hexdigest()[:32]}".encode()
+
+
 @dataclass
 class Int8Report:
     flavour: str
@@ -171,7 +175,10 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     cache = path.with_name(path.name.removesuffix(".onnx") + ".calib.json")
     key_file = cache.with_suffix(".key")
     key = _calibration_key(fp32_path, calib_batch, method, spec)
-    reused = cache.is_file() and key_file.is_file() and key_file.read_text() == key
+    # the key file also holds the cache's own digest: a cache edited, damaged or paired with another run's
+    # key is recalibrated, never trusted (its ranges become the model's scales)
+    reused = (cache.is_file() and key_file.is_file()
+              and key_file.read_bytes() == _key_line(key, cache.read_bytes()))
     reference = run_ort(ort_session(fp32_path), heldout_batch)
     report = Int8Report(flavour, method, len(calib_batch), [], calibration_cache=str(cache), cache_reused=reused)
 
@@ -214,8 +221,9 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         if spec.fp16_float:
             report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
             final = qdq_to_fp16(final, report.fp32_nodes)
-        atomic_write_bytes(cache, work_cache.read_bytes(), "calibration cache")
-        atomic_write_bytes(key_file, key.encode(), "calibration cache key")
+        ranges = work_cache.read_bytes()
+        atomic_write_bytes(cache, ranges, "calibration cache")
+        atomic_write_bytes(key_file, _key_line(key, ranges), "calibration cache key")
 
     extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups,
              "int8_equalized_pairs": report.equalized_pairs}

@@ -146,8 +146,15 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
         ensure_folder(root / sub, "synthetic set folder")
 
     def imwrite(path: Path, image: np.ndarray) -> None:
-        if not cv2.imwrite(str(path), image):
-            raise HanEdgeError(f"cannot write synthetic image {path}: the disk is full or the folder is not writable")
+        # encoded by OpenCV, written by Python: cv2.imwrite crashes the process on a name that is not UTF-8
+        ok, data = cv2.imencode(path.suffix, image)
+        try:
+            if not ok:
+                raise OSError
+            data.tofile(path)
+        except OSError:
+            raise HanEdgeError(f"cannot write synthetic image {path}: the disk is full or the folder is not "
+                               "writable") from None
     master = np.random.default_rng(seed)
     cameras = [make_camera(master) for _ in range(NUM_CAMERAS)]
     for pid in range(first_id, first_id + train_ids + test_ids):

@@ -218,6 +218,17 @@ def test_int8_cpu_flavour_and_exclusions_and_cache(exported, tmp_path):
     assert report.excluded_groups == ["local_units.0:dw"] and not report.cache_reused
     again = export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["local_units.0:dw"])
     assert again.cache_reused                                      # rebuild does not recalibrate
+    # a cache edited or damaged after the fact (its key still matching the run) is recalibrated, not trusted
+    cache = path.with_name("han_small.int8-cpu.calib.json")
+    honest = cache.read_bytes()
+    tampered = json.loads(honest)
+    for ranges in tampered["data"].values():
+        ranges["lowest"], ranges["highest"] = -1e30, 1e30
+    for damage in (json.dumps(tampered).encode(), honest[: len(honest) // 2], b"[]", b"\xff\xfe"):
+        cache.write_bytes(damage)
+        redone = export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["local_units.0:dw"])
+        assert not redone.cache_reused and redone.centred_cosine == pytest.approx(report.centred_cosine, abs=1e-6)
+        assert cache.read_bytes() == honest
     with pytest.raises(HanEdgeError, match="unknown layer groups"):
         export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["nope"])
 

@@ -202,3 +202,32 @@ def test_cuhk03_file_list_cannot_point_outside_the_images(tmp_path, entry):
     root = cuhk03_root(tmp_path, filelist=np.array(names, dtype=object).reshape(-1, 1))
     with pytest.raises(HanEdgeError, match=rf"filelist entry {re.escape(repr(entry))} points outside"):
         load_cuhk03(root)
+
+
+def test_an_image_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "0002_c1s1_000001_00.jpg"
+    os.mkfifo(fifo)
+    done = run_python("import sys; from han_edge.preprocess import load_image\n"
+                      "try: load_image(sys.argv[1])\n"
+                      "except Exception as err: print(type(err).__name__, err)", str(fifo))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("HanEdgeError cannot read image") and "not a regular file" in done.stdout
+
+
+def test_synthetic_set_under_a_non_utf8_folder(tmp_path):
+    root = tmp_path / f"syn{NON_UTF8}"
+    done = run_python("import sys; from han_edge.synthetic import generate\n"
+                      "root = generate(sys.argv[1], train_ids=2, test_ids=2, distractors=1)\n"
+                      "print(len(list(root.rglob('*.jpg'))))", str(root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) > 0
+
+
+def test_an_empty_synthetic_variable_is_refused(monkeypatch):
+    from han_edge.data import default_synthetic_root
+
+    monkeypatch.setenv("HAN_EDGE_SYNTHETIC", "")
+    with pytest.raises(HanEdgeError, match="HAN_EDGE_SYNTHETIC is set but empty"):
+        default_synthetic_root()
+    monkeypatch.setenv("HAN_EDGE_SYNTHETIC", "some/where")
+    assert str(default_synthetic_root()) == "some/where"
