@@ -7,6 +7,8 @@ fileio, onnx_io, preprocess}.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,8 @@ from han_edge.exporter import (
 )
 from han_edge.fileio import ensure_folder, write_json
 from han_edge.formats import artefact_path
-from han_edge.onnx_io import ort_session, run_ort
+from han_edge.int8_layers import layer_groups
+from han_edge.onnx_io import load_onnx, ort_session, run_ort
 from han_edge.quantize import export_int8
 
 
@@ -116,9 +119,18 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     log(f"HAN({config.variant}) from {source}")
     held = load_batch(report_paths, config)
     torch_features(model, held[:32], source)   # weights that overflow are refused before any file is written
+    calib = (load_batch(calibration_paths(options.calib_dir, options.calib_size, options.seed), config)
+             if options.int8 else None)   # a bad --calib folder is refused before any file is replaced
     out = ensure_folder(options.out_dir, "export folder")
-    fp32_path = export_fp32(model, config, artefact_path(out, config.variant, "fp32"))
-    result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, fp32_path, held[:32])}
+    fp32_path = artefact_path(out, config.variant, "fp32")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
+        staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
+        result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}
+        groups = layer_groups(load_onnx(staged)) if options.int8 and options.int8_exclude else {}
+        unknown = sorted(set(options.int8_exclude) - set(groups)) if groups else []
+        if unknown:
+            raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
+        os.replace(staged, fp32_path)
     log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
         f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")
     if options.fp16:
@@ -132,7 +144,6 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     if options.int8:
         fmt = "int8" if options.int8_target == "tensorrt" else "int8-cpu"
         int8_path = artefact_path(out, config.variant, fmt)
-        calib = load_batch(calibration_paths(options.calib_dir, options.calib_size, options.seed), config)
         log(f"calibrating INT8 ({options.int8_target} flavour, {options.calibration}) on {len(calib)} images")
         analysis = load_batch(analysis_paths, config)
         report = export_int8(fp32_path, int8_path, calib, analysis, flavour=options.int8_target,
@@ -142,8 +153,7 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
                           "retrieval": compare_retrieval(fp32_path, int8_path)}
         kept = ", ".join(report.excluded_groups) or "none"
         log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
-            f"{report.neighbour_agreement:.3f} ({report.clear_neighbour_agreement:.3f} on the "
-            f"{100 * report.clear_neighbour_share:.0f}% of crops whose neighbour leads by > 1%), not INT8: {kept}"
+            f"{report.neighbour_agreement:.3f}{_clear_note(report)}, not INT8: {kept}"
             f"{' (calibration cache reused)' if report.cache_reused else ''}")
         if report.ort_ops:
             log("ONNX Runtime CPU executes " + ", ".join(f"{v} {k}" for k, v in report.ort_ops.items() if v))
@@ -157,6 +167,13 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
             f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries "
             f"(sign test p = {r['rank1_changed']['p_value']:.2f})")
     return result
+
+
+def _clear_note(report) -> str:
+    if not report.clear_neighbour_share:   # an untrained model: no crop has a clear neighbour
+        return " (no crop has a neighbour leading by > 1%)"
+    return (f" ({report.clear_neighbour_agreement:.3f} on the {100 * report.clear_neighbour_share:.0f}% of crops "
+            "whose neighbour leads by > 1%)")
 
 
 # -- `han-edge eval` and retrieval comparisons ----------------------------------------------------------------

@@ -128,7 +128,23 @@ def test_typos_are_refused_before_the_export(tmp_path):
     refused(["export", "--int8", "--target", "cpux", "--out", tmp_path / "e"], "--target")
     refused(["export", "--int8", "--calibration", "minmax2", "--out", tmp_path / "e"], "--calibration")
     refused(["export", "--int8", "--out", tmp_path / "e", "--opt-batch", "65"], "--opt-batch 65 is larger than --max-batch 64")
+    for text, match in ((",,", "has an empty entry"), ("stem,,global_fc", "has an empty entry"), ("stem,stem", "twice")):
+        refused(["export", "--int8", "--int8-exclude", text, "--out", tmp_path / "e"], match)
     assert not list(tmp_path.rglob("*.onnx"))
+
+
+def test_export_problems_found_late_keep_the_previous_model(tmp_path):
+    """A typo in a group name or a calibration folder of junk is found after the FP32 export: the old file stays."""
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "han_small.onnx").write_bytes(b"the user's previous export")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_bytes(b"not a jpeg")
+    refused(["export", "--int8", "--no-engine", "--int8-exclude", "stem, bogus", "--out", out],
+            r"unknown layer groups \['bogus'\]")
+    refused(["export", "--int8", "--no-engine", "--calib", tmp_path / "junk", "--out", out], "cannot read image")
+    assert (out / "han_small.onnx").read_bytes() == b"the user's previous export"
+    assert sorted(p.name for p in out.iterdir()) == ["han_small.onnx"]   # no staging folder left behind
 
 
 # -- output paths -----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def export(
 
     options = ExportOptions(variant=variant, checkpoint=str(checkpoint) if checkpoint else None, fp16=fp16,
                             int8=int8, int8_target=target,
-                            int8_exclude=[g for g in int8_exclude.split(",") if g] if int8_exclude is not None else None,
+                            int8_exclude=group_list(int8_exclude),
                             calibration=calibration, calib_dir=str(calib) if calib else None, calib_size=calib_size,
                             out_dir=str(out))
     with progress_bar() as bar:
@@ -65,6 +65,19 @@ def export(
     precision = "int8" if int8 else ("fp16" if fp16 else "fp32")
     source = Path(result[precision]["path"]) if precision != "fp32" else Path(result["fp32"])
     compile_engine(source, engines / engine_name(variant, precision), opt_batch, max_batch, workspace, engines)
+
+
+def group_list(text: Optional[str]) -> Optional[list[str]]:
+    """``--int8-exclude``: '' keeps every group in INT8; 'a, b' -> ['a', 'b']; an empty entry or a repeat is refused."""
+    if text is None or not text.strip():
+        return None if text is None else []
+    groups = [g.strip() for g in text.split(",")]
+    if not all(groups):
+        raise HanEdgeError(f"--int8-exclude {text!r} has an empty entry; write groups like stem,blocks.0:dw "
+                           "(or '' to quantise every group)")
+    if len(set(groups)) != len(groups):
+        raise HanEdgeError(f"--int8-exclude {text!r} names a group twice")
+    return groups
 
 
 @app.command("build")
