@@ -216,6 +216,9 @@ def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
     return out
 
 
+DEMO_MARKER = ".han-edge-demo"
+
+
 # -- `han-edge demo` --------------------------------------------------------------------------------------
 def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> list[dict]:
     """The README's main job: synthetic data -> trained HAN(Small) -> FP32/INT8 -> gallery search table."""
@@ -229,6 +232,11 @@ def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> l
     from han_edge.train import TrainOptions, train
 
     ensure_folder(workdir, "demo folder")
+    marker = Path(workdir) / DEMO_MARKER   # the demo rewrites its folder: only one it made (or an empty one)
+    if not marker.exists() and any(Path(workdir).iterdir()):
+        raise HanEdgeError(f"demo folder {workdir} already holds files the demo did not write; give an empty or "
+                           "new --workdir (the demo replaces han_small.pt, its exports and demo.json there)")
+    marker.touch()
     console.print(f"[bold]1/4[/] synthetic re-id set in {default_synthetic_root()}")
     data = load_dataset("synthetic", None)
     checkpoint = workdir / "han_small.pt"

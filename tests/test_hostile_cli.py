@@ -465,3 +465,12 @@ def test_train_without_steps_says_so(tmp_path, synthetic_root):
     result = runner.invoke(app, ["train", "--root", str(synthetic_root), "--epochs", "0", "--out", str(tmp_path / "c.pt")])
     assert result.exit_code == 0, result.output
     assert "no training steps" in result.output and "nan" not in result.output
+
+
+def test_demo_does_not_overwrite_a_folder_it_did_not_make(tmp_path):
+    workdir = tmp_path / "runs"
+    workdir.mkdir()
+    (workdir / "han_small.pt").write_bytes(b"my trained checkpoint")
+    refused(["demo", "--epochs", "0", "--workdir", workdir], "already holds files the demo did not write")
+    assert (workdir / "han_small.pt").read_bytes() == b"my trained checkpoint"
+    assert sorted(p.name for p in workdir.iterdir()) == ["han_small.pt"]
