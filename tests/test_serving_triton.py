@@ -171,8 +171,10 @@ def test_unreachable_server_and_unknown_model(server, tmp_path):
         TritonBackend(f"grpc://{server.url}/nope")
     with pytest.raises(HanEdgeError, match="has no ready model 'han_small' version 7"):
         TritonBackend(f"grpc://{server.url}/han_small/7")
-    with pytest.raises(HanEdgeError, match="expected grpc://HOST"):
-        parse_uri("grpc://host:8001")
+    for bad in ("grpc://host:8001", "grpc://127.0.0.1:1/m\n", "grpc://a\x00b/m", "grpc://user@host/m", "grpc://h/a b"):
+        with pytest.raises(HanEdgeError, match="expected grpc://HOST"):
+            parse_uri(bad)
+    assert parse_uri("grpc://[::1]:8001/m/2") == ("[::1]:8001", "m", "2")
     assert parse_uri("grpc://triton.local/han_small") == ("triton.local:8001", "han_small", "")
     assert parse_uri("grpc://10.0.0.2:9001/m/3") == ("10.0.0.2:9001", "m", "3")
 

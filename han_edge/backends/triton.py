@@ -17,14 +17,16 @@ from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError, MissingDependencyError
 
 DEFAULT_PORT = 8001
-_URI = re.compile(r"^grpc://(?P<host>\[[^\]]+\]|[^/:]+)(?::(?P<port>\d+))?/(?P<model>[^/]+)(?:/(?P<version>\d+))?/?$")
+# host: a DNS name or IPv4 (letters, digits, '.', '-', '_') or a bracketed IPv6; model: Triton's name characters
+_URI = re.compile(r"grpc://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]+))?"
+                  r"/(?P<model>[A-Za-z0-9_.-]+)(?:/(?P<version>[0-9]+))?/?")
 
 
 def parse_uri(source: str) -> tuple[str, str, str]:
     """``grpc://host[:port]/model[/version]`` -> ("host:port", model, version or "")."""
-    match = _URI.match(str(source))
+    match = _URI.fullmatch(str(source))
     if not match:
-        raise HanEdgeError(f"cannot read Triton address {source!r}: expected grpc://HOST[:PORT]/MODEL[/VERSION]")
+        raise HanEdgeError(f"cannot read Triton address {str(source)[:120]!r}: expected grpc://HOST[:PORT]/MODEL[/VERSION]")
     port = int(match["port"] or DEFAULT_PORT)
     if not 0 < port < 65536:
         raise HanEdgeError(f"port {port} in {source!r} is out of range")
