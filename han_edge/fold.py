@@ -22,7 +22,7 @@ import numpy as np
 
 from han_edge.config import FOLDED, NORMALIZATION_KEY, HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
-from han_edge.onnx_io import INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata
+from han_edge.onnx_io import FOLD_SCALE, INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata
 
 COLOR_ORDER_KEY = "han_edge.color_order"
 _NORMALISED = "han_edge_fold/normalised"
@@ -57,7 +57,7 @@ def fold_model(model):
     folded.CopyFrom(model)
     graph = folded.graph
     taken = {n.name for n in graph.node} | {t.name for t in graph.initializer}
-    if _NORMALISED in taken:
+    if FOLD_SCALE in taken or _NORMALISED in {o for n in graph.node for o in n.output}:
         raise HanEdgeError("the model already contains han-edge's folding nodes")
     # Every consumer of the raw input now reads the normalised tensor.
     for node in graph.node:
@@ -68,9 +68,9 @@ def fold_model(model):
         if out.name == INPUT:
             raise HanEdgeError(f"the model outputs its input {INPUT!r}; cannot fold")
     scale, bias = fold_constants(config)
-    graph.initializer.extend([numpy_helper.from_array(scale, "han_edge_fold/scale"),
+    graph.initializer.extend([numpy_helper.from_array(scale, FOLD_SCALE),
                               numpy_helper.from_array(bias, "han_edge_fold/bias")])
-    nodes = [helper.make_node("Mul", [INPUT, "han_edge_fold/scale"], ["han_edge_fold/scaled"],
+    nodes = [helper.make_node("Mul", [INPUT, FOLD_SCALE], ["han_edge_fold/scaled"],
                               name="han_edge_fold/Mul"),
              helper.make_node("Add", ["han_edge_fold/scaled", "han_edge_fold/bias"], [_NORMALISED],
                               name="han_edge_fold/Add")]

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.config import HANConfig, config_from_metadata
+from han_edge.config import FOLDED, HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError, MissingDependencyError
 from han_edge.fileio import atomic_path
 
 INPUT, OUTPUT = "images", "features"
+FOLD_SCALE = "han_edge_fold/scale"   # the initializer `han-edge fold` adds (fold.py)
 
 
 def _onnx():
@@ -117,7 +118,19 @@ def validate_han_model(model, meta: dict[str, str] | None = None, source: str = 
         if isinstance(dims[0], int):
             raise HanEdgeError(f"{source}: the graph's {role} has a fixed batch of {dims[0]}; han-edge models have a "
                                f"dynamic batch axis (re-export it with `han-edge export`)")
+    check_folding(model, meta, source)
     return config, precision
+
+
+def check_folding(model, meta: dict[str, str], source: str) -> None:
+    """The metadata's normalisation form must be the graph's: the runtime normalises on the host exactly when the
+    graph does not (a lie either way normalises twice or never)."""
+    folded_graph = any(init.name == FOLD_SCALE for init in model.graph.initializer)
+    folded_meta = normalization_of(meta, source) == FOLDED
+    if folded_graph != folded_meta:
+        raise HanEdgeError(f"{source}: its metadata says the input normalisation is {'' if folded_meta else 'not '}"
+                           f"folded into the graph, but the graph {'lacks' if folded_meta else 'has'} "
+                           "`han-edge fold`'s nodes")
 
 
 def _elem_name(elem: int) -> str:

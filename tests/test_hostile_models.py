@@ -159,3 +159,21 @@ def test_a_variant_name_that_contradicts_its_strides_is_refused(tmp_path, varian
     path = _checkpoint(tmp_path / "ck.pt", payload_config={"variant": variant, "strides": strides})
     with pytest.raises(HanEdgeError, match=rf"says HAN\({variant}\), whose strides are .* but holds {re.escape(str(strides))}"):
         model_from_checkpoint(path)
+
+
+def test_normalization_metadata_must_match_the_graph(tmp_path, fresh_onnx):
+    from han_edge.fold import fold_file
+    from han_edge.onnx_io import load_onnx, read_config, save_onnx, set_metadata
+    from han_edge.runtime import Embedder
+
+    folded = fold_file(fresh_onnx[1], tmp_path / "folded.onnx")
+    for source, lie in ((fresh_onnx[1], "folded"), (folded, "external")):
+        model = load_onnx(source)
+        set_metadata(model, {"han_edge.normalization": lie})
+        path = save_onnx(model, tmp_path / f"lies_{lie}.onnx")
+        match = "says the input normalisation is (not )?folded into the graph, but the graph (lacks|has)"
+        with pytest.raises(HanEdgeError, match=match):
+            read_config(path)
+        with pytest.raises(HanEdgeError, match=match):
+            Embedder(path)
+    assert read_config(folded)[0] == read_config(fresh_onnx[1])[0]   # honest files of both forms still load

@@ -8,7 +8,7 @@ import numpy as np
 from han_edge.backends.base import Backend
 from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError
-from han_edge.onnx_io import ort_session, ort_workarounds
+from han_edge.onnx_io import _onnx, check_folding, ort_session, ort_workarounds
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -47,6 +47,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort_session(path, threads, providers, ort_workarounds(self.metadata))
         self.config, self.precision = config_from_metadata(self.metadata, str(path))
         self._check_graph(path)
+        check_folding(_onnx().load(str(path), load_external_data=False), self.metadata, str(path))
         self.provider = self.session.get_providers()[0]
         self.name = f"onnxruntime/{self.provider.replace('ExecutionProvider', '')}"
         self.batch_profile = (1, min(32, max_batch or 64), max_batch or 64)
