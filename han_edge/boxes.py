@@ -25,6 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from han_edge.errors import HanEdgeError
+from han_edge.fileio import require_file
 from han_edge.validate import _describe, _host, _is_array, _names, _real, reason
 
 MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading
@@ -90,8 +91,7 @@ def boxes_file(path: str | Path) -> dict[str, np.ndarray]:
     try:
         if path.is_dir():
             raise HanEdgeError(f"boxes file {path} is a directory")
-        if not path.is_file():
-            raise HanEdgeError(f"boxes file {path} not found")
+        require_file(path, "boxes file")
         size = path.stat().st_size
         if size > MAX_BOXES_FILE:
             raise HanEdgeError(f"boxes file {path} is {size / 2**20:.0f} MiB; at most {MAX_BOXES_FILE // 2**20} MiB "

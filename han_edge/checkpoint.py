@@ -7,7 +7,7 @@ from pathlib import Path
 
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_path
+from han_edge.fileio import atomic_path, require_file
 from han_edge.validate import PYTHON_OBJECTS, reason
 
 FORMAT = "han-edge-checkpoint"
@@ -41,8 +41,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         raise HanEdgeError(f"checkpoint {path} is a directory, not a file")
-    if not path.is_file():
-        raise HanEdgeError(f"checkpoint {path} not found")
+    require_file(path, "checkpoint")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -196,6 +196,9 @@ def config_from_metadata(meta: dict[str, str], source: str) -> tuple[HANConfig, 
     if "han_edge.config" not in meta:
         raise HanEdgeError(f"{source} carries no han-edge metadata; export it with `han-edge export`")
     config = HANConfig.from_json(meta["han_edge.config"], str(source))
+    order = meta.get("han_edge.color_order", "RGB")
+    if order != "RGB":   # every han-edge model takes RGB; the runtime would not swap channels for another value
+        raise HanEdgeError(f"{source}: han_edge.color_order {str(order)[:20]!r} in its metadata; han-edge models take RGB")
     precision = meta.get("han_edge.precision", "fp32")
     if precision not in PRECISIONS:
         shown = repr(precision) if len(repr(precision)) <= 30 else repr(precision)[:27] + "..."

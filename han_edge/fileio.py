@@ -66,6 +66,13 @@ def check_destination(path: str | Path, what: str = "output", size: int | None =
     return path
 
 
+def require_file(path: Path, what: str) -> None:
+    """``what path`` must be an existing regular file: missing, or a pipe/device/socket, is one sentence."""
+    if not path.is_file():
+        raise HanEdgeError(f"{what} {path} is not a regular file" if path.exists() and not path.is_dir()
+                           else f"{what} {path} not found")
+
+
 def _target(path: Path) -> Path:
     """The file a write to ``path`` replaces: a symlink's final target, so that the link stays a link."""
     return Path(os.path.realpath(path)) if path.is_symlink() else path

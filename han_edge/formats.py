@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from han_edge.errors import HanEdgeError
+from han_edge.fileio import require_file
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ def format_of(source) -> ModelFormat:
     if fmt is None:
         known = ", ".join(f"{'/'.join(f.suffixes)} ({f.name})" for f in FORMATS)
         raise HanEdgeError(f"cannot tell the format of {path.name or text}: use {known}")
-    if not path.is_file():
-        raise HanEdgeError(f"model file {path} not found")
+    require_file(path, "model file")
     return fmt
 
 

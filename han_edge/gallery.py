@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from han_edge.errors import HanEdgeError
+from han_edge.fileio import require_file
 from han_edge.indexes import Entries, VectorIndex
 from han_edge.validate import COSINE_MIN_NORM
 
@@ -198,8 +199,7 @@ class Gallery:
             dim = feature_dim(dim)
         if path.is_dir():
             raise HanEdgeError(f"gallery file {path} is a directory")
-        if not path.is_file():
-            raise HanEdgeError(f"gallery file {path} not found")
+        require_file(path, "gallery file")
         try:
             with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:   # closed on any error
                 _check_claims(data, path)

@@ -11,7 +11,7 @@ import numpy as np
 
 from han_edge.config import FOLDED, HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError, MissingDependencyError
-from han_edge.fileio import atomic_path
+from han_edge.fileio import atomic_path, require_file
 
 INPUT, OUTPUT = "images", "features"
 FOLD_SCALE = "han_edge_fold/scale"   # the initializer `han-edge fold` adds (fold.py)
@@ -30,8 +30,7 @@ def load_onnx(path: str | Path):
     path = Path(path)
     if path.is_dir():
         raise HanEdgeError(f"{path} is a directory, not an ONNX file")
-    if not path.is_file():
-        raise HanEdgeError(f"ONNX file {path} not found")
+    require_file(path, "ONNX file")
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from han_edge import Embedder, Gallery
+from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes, check_destination, write_json
 from tests.test_hostile_inputs import refused
 
@@ -246,3 +247,16 @@ def test_pytorch_device_number_means_cuda(tmp_path):
                 device=0)
     refused("unknown PyTorch device -1", Embedder, checkpoint, device=-1)
 
+
+
+def test_a_fifo_given_as_an_input_file_is_named_as_such(tmp_path):
+    from han_edge.checkpoint import load_checkpoint
+    from han_edge.formats import format_of
+    from han_edge.onnx_io import load_onnx
+
+    for name, read in (("m.onnx", format_of), ("m2.onnx", load_onnx), ("c.pt", load_checkpoint), ("g.npz", Gallery.load)):
+        os.mkfifo(tmp_path / name)
+        with pytest.raises(HanEdgeError, match=rf"{name} is not a regular file"):
+            read(tmp_path / name)
+    with pytest.raises(HanEdgeError, match="missing.onnx not found"):
+        load_onnx(tmp_path / "missing.onnx")

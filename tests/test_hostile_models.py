@@ -177,3 +177,15 @@ def test_normalization_metadata_must_match_the_graph(tmp_path, fresh_onnx):
         with pytest.raises(HanEdgeError, match=match):
             Embedder(path)
     assert read_config(folded)[0] == read_config(fresh_onnx[1])[0]   # honest files of both forms still load
+
+
+def test_a_colour_order_other_than_rgb_is_refused(tmp_path, fresh_onnx):
+    from han_edge.onnx_io import load_onnx, read_config, save_onnx, set_metadata
+    from han_edge.runtime import Embedder
+
+    model = load_onnx(fresh_onnx[1])
+    set_metadata(model, {"han_edge.color_order": "BGR"})
+    path = save_onnx(model, tmp_path / "bgr.onnx")
+    for read in (read_config, Embedder):
+        with pytest.raises(HanEdgeError, match=r"bgr.onnx: han_edge.color_order 'BGR' .* take RGB"):
+            read(path)
