@@ -66,6 +66,26 @@ def check_destination(path: str | Path, what: str = "output", size: int | None =
     return path
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str = "folder"):
+    """Hold ``folder/.han-edge.lock`` for one writer at a time (POSIX ``flock``; nothing where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(folder) / ".han-edge.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise HanEdgeError(f"another han-edge process is writing into {what} {folder}; wait for it or use "
+                               "another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def require_file(path: Path, what: str) -> None:
     """``what path`` must be an existing regular file: missing, or a pipe/device/socket, is one sentence."""
     if not path.is_file():

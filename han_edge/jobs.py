@@ -30,7 +30,7 @@ from han_edge.exporter import (
     parity,
     torch_features,
 )
-from han_edge.fileio import ensure_folder, write_json
+from han_edge.fileio import ensure_folder, folder_lock, write_json
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import layer_groups
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
@@ -122,51 +122,52 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     calib = (load_batch(calibration_paths(options.calib_dir, options.calib_size, options.seed), config)
              if options.int8 else None)   # a bad --calib folder is refused before any file is replaced
     out = ensure_folder(options.out_dir, "export folder")
-    fp32_path = artefact_path(out, config.variant, "fp32")
-    with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
-        staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
-        result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}
-        groups = layer_groups(load_onnx(staged)) if options.int8 and options.int8_exclude else {}
-        unknown = sorted(set(options.int8_exclude) - set(groups)) if groups else []
-        if unknown:
-            raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
-        os.replace(staged, fp32_path)
-    log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
-        f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")
-    if options.fp16:
-        reference = run_ort(ort_session(fp32_path), held)
-        fp16_path = export_fp16(fp32_path, artefact_path(out, config.variant, "fp16"))
-        got = run_ort(ort_session(fp16_path), held)
-        result["fp16"] = {"path": str(fp16_path), "cosine_min": float(cosine_rows(reference, got).min()),
-                          "centred_cosine": centred_cosine(reference, got)}
-        log(f"wrote {fp16_path}: cosine vs FP32 min={result['fp16']['cosine_min']:.5f} "
-            f"centred={result['fp16']['centred_cosine']:.5f}")
-    if options.int8:
-        fmt = "int8" if options.int8_target == "tensorrt" else "int8-cpu"
-        int8_path = artefact_path(out, config.variant, fmt)
-        log(f"calibrating INT8 ({options.int8_target} flavour, {options.calibration}) on {len(calib)} images")
-        analysis = load_batch(analysis_paths, config)
-        report = export_int8(fp32_path, int8_path, calib, analysis, flavour=options.int8_target,
-                             method=options.calibration, exclude=options.int8_exclude,
-                             min_agreement=options.int8_min_agreement, report_batch=held, progress=progress)
-        result["int8"] = {"path": str(int8_path), **report.__dict__,
-                          "retrieval": compare_retrieval(fp32_path, int8_path)}
-        kept = ", ".join(report.excluded_groups) or "none"
-        log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
-            f"{report.neighbour_agreement:.3f}{_clear_note(report)}, not INT8: {kept}"
-            f"{' (calibration cache reused)' if report.cache_reused else ''}")
-        if report.ort_ops:
-            log("ONNX Runtime CPU executes " + ", ".join(f"{v} {k}" for k, v in report.ort_ops.items() if v))
-        if options.int8_target == "tensorrt":
-            log(f"float part FP16 (opset 19); kept FP32: {', '.join(report.fp32_nodes) or 'none'}; centred cosine "
-                f"{report.centred_cosine_ort_default:.4f} with ONNX Runtime's default FP16 bias rewrite, which "
-                "han-edge's runtime turns off and TensorRT does not do")
-        r = result["int8"]["retrieval"]
-        log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
-            f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f} | rank-1 hits gained "
-            f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries "
-            f"(sign test p = {r['rank1_changed']['p_value']:.2f})")
-    return result
+    with folder_lock(out, "export folder"):   # two exports into one folder would mix their files
+        fp32_path = artefact_path(out, config.variant, "fp32")
+        with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
+            staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
+            result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}
+            groups = layer_groups(load_onnx(staged)) if options.int8 and options.int8_exclude else {}
+            unknown = sorted(set(options.int8_exclude) - set(groups)) if groups else []
+            if unknown:
+                raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
+            os.replace(staged, fp32_path)
+        log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
+            f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")
+        if options.fp16:
+            reference = run_ort(ort_session(fp32_path), held)
+            fp16_path = export_fp16(fp32_path, artefact_path(out, config.variant, "fp16"))
+            got = run_ort(ort_session(fp16_path), held)
+            result["fp16"] = {"path": str(fp16_path), "cosine_min": float(cosine_rows(reference, got).min()),
+                              "centred_cosine": centred_cosine(reference, got)}
+            log(f"wrote {fp16_path}: cosine vs FP32 min={result['fp16']['cosine_min']:.5f} "
+                f"centred={result['fp16']['centred_cosine']:.5f}")
+        if options.int8:
+            fmt = "int8" if options.int8_target == "tensorrt" else "int8-cpu"
+            int8_path = artefact_path(out, config.variant, fmt)
+            log(f"calibrating INT8 ({options.int8_target} flavour, {options.calibration}) on {len(calib)} images")
+            analysis = load_batch(analysis_paths, config)
+            report = export_int8(fp32_path, int8_path, calib, analysis, flavour=options.int8_target,
+                                 method=options.calibration, exclude=options.int8_exclude,
+                                 min_agreement=options.int8_min_agreement, report_batch=held, progress=progress)
+            result["int8"] = {"path": str(int8_path), **report.__dict__,
+                              "retrieval": compare_retrieval(fp32_path, int8_path)}
+            kept = ", ".join(report.excluded_groups) or "none"
+            log(f"wrote {int8_path}: centred cosine vs FP32 {report.centred_cosine:.4f}, nearest-neighbour agreement "
+                f"{report.neighbour_agreement:.3f}{_clear_note(report)}, not INT8: {kept}"
+                f"{' (calibration cache reused)' if report.cache_reused else ''}")
+            if report.ort_ops:
+                log("ONNX Runtime CPU executes " + ", ".join(f"{v} {k}" for k, v in report.ort_ops.items() if v))
+            if options.int8_target == "tensorrt":
+                log(f"float part FP16 (opset 19); kept FP32: {', '.join(report.fp32_nodes) or 'none'}; centred cosine "
+                    f"{report.centred_cosine_ort_default:.4f} with ONNX Runtime's default FP16 bias rewrite, which "
+                    "han-edge's runtime turns off and TensorRT does not do")
+            r = result["int8"]["retrieval"]
+            log(f"synthetic test set: FP32 rank-1 {100 * r['fp32']['rank1']:.1f} mAP {100 * r['fp32']['mAP']:.1f} | "
+                f"INT8 rank-1 {100 * r['int8']['rank1']:.1f} mAP {100 * r['int8']['mAP']:.1f} | rank-1 hits gained "
+                f"{r['rank1_changed']['gained']}, lost {r['rank1_changed']['lost']} of {r['rank1_changed']['queries']} queries "
+                f"(sign test p = {r['rank1_changed']['p_value']:.2f})")
+        return result
 
 
 def _clear_note(report) -> str:

@@ -144,7 +144,12 @@ def test_export_problems_found_late_keep_the_previous_model(tmp_path):
             r"unknown layer groups \['bogus'\]")
     refused(["export", "--int8", "--no-engine", "--calib", tmp_path / "junk", "--out", out], "cannot read image")
     assert (out / "han_small.onnx").read_bytes() == b"the user's previous export"
-    assert sorted(p.name for p in out.iterdir()) == ["han_small.onnx"]   # no staging folder left behind
+    assert sorted(p.name for p in out.iterdir()) == [".han-edge.lock", "han_small.onnx"]   # no staging folder left
+    from han_edge.fileio import folder_lock
+
+    with folder_lock(out, "export folder"):   # another export writing there: refused, nothing touched
+        refused(["export", "--no-engine", "--out", out], "another han-edge process is writing into export folder")
+    assert (out / "han_small.onnx").read_bytes() == b"the user's previous export"
 
 
 # -- output paths -----------------------------------------------------------------------------------------------
