@@ -34,6 +34,7 @@ import numpy as np
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes, ensure_folder
+from han_edge.validate import INT32_MAX
 
 DEEPSTREAM_VERSION = "9.2"
 # nvinfer network-mode: 0=FP32, 1=INT8, 2=FP16; tracker ReID networkMode: 0=FP32, 1=FP16, 2=INT8
@@ -62,9 +63,6 @@ class Preprocessing:
     exact: bool
     max_rel_error: float         # worst per-channel relative error of the scale
     note: str
-
-
-INT32_MAX = 2**31 - 1
 
 
 def preprocessing(config: HANConfig, normalization: str) -> Preprocessing:

@@ -66,6 +66,11 @@ class Embedder:
         if not parts:
             return self._empty(on_device)
         out = parts[0] if len(parts) == 1 else self.xp.concat(parts)
+        # broken weights or an input that overflows give NaN features: say so once per call, naming the model,
+        # not later as "NaN rows" in a gallery (one scalar read back per call on the device path, not per chunk)
+        if not bool(self.xp.all(self.xp.isfinite(out))):
+            raise HanEdgeError(f"{self.source} gave NaN or infinite features for {out.shape[0]} crops: its weights "
+                               "are broken or the input is far outside the 0..255 image range")
         return out if on_device or self.on_host else to_numpy(out)
 
     # -- stages ----------------------------------------------------------------------------------------
@@ -104,13 +109,7 @@ class Embedder:
 
             pad = zeros(self.xp, (size - n, *batch.shape[1:]), self.xp.float32, self.array_device)
             batch = self.xp.concat([batch, pad])
-        features = self.backend.infer(batch)[:n, ...]
-        # broken weights or an input that overflows give NaN features: say so here, naming the model, not
-        # later as "NaN rows" in a gallery (one scalar read back per batch on the device path)
-        if not bool(self.xp.all(self.xp.isfinite(features))):
-            raise HanEdgeError(f"{self.source} gave NaN or infinite features for {n} crops: its weights are broken "
-                               "or the input is far outside the 0..255 image range")
-        return features
+        return self.backend.infer(batch)[:n, ...]
 
     # -- public API ------------------------------------------------------------------------------------
     def embed_batch(self, batch, on_device: bool = False):

@@ -34,6 +34,7 @@ import numpy as np
 from han_edge.errors import HanEdgeError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1   # DeepStream's config integers
 MAX_FEATURE_DIM = 1 << 16
 MAX_THREADS = 1024                 # intra-op threads (the CLI's --threads bound): ONNX Runtime hangs creating 10**6
 # advice to load untrusted data unsafely, as PyTorch and NumPy word it (not bare words: a file may be

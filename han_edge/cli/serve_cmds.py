@@ -8,6 +8,7 @@ import typer
 
 from han_edge.cli.common import MAX_BATCH, app, console, output_file, output_folder, write_json
 from han_edge.errors import HanEdgeError
+from han_edge.validate import INT32_MAX, INT64_MAX
 
 
 def _sizes(text: Optional[str]) -> Optional[tuple[int, ...]]:
@@ -38,8 +39,8 @@ def deepstream_command(
     out: Path = typer.Option(..., callback=output_folder("DeepStream config folder"), help="folder for the configs and the model"),
     batch_size: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="default: the engine's max batch, else 16"),
     no_fold: bool = typer.Option(False, "--no-fold", help="keep an unfolded ONNX as is (single-scale approximation of std)"),
-    gie_id: int = typer.Option(2, min=1, max=2**31 - 1, help="gie-unique-id of this secondary GIE"),
-    operate_on_gie_id: int = typer.Option(1, min=1, max=2**31 - 1, help="gie-unique-id of the primary detector"),
+    gie_id: int = typer.Option(2, min=1, max=INT32_MAX, help="gie-unique-id of this secondary GIE"),
+    operate_on_gie_id: int = typer.Option(1, min=1, max=INT32_MAX, help="gie-unique-id of the primary detector"),
     person_class: str = typer.Option("0", help="detector class id(s) of persons, comma-separated"),
     reid_type: int = typer.Option(2, min=1, max=3, help="tracker reidType: 1 NvDeepSORT, 2 re-association, 3 both"),
     history: int = typer.Option(100, min=1, max=100_000, help="tracker reidHistorySize (features kept per target)"),
@@ -71,7 +72,7 @@ def triton_command(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help=".onnx or .plan/.engine written by han-edge"),
     repo: Path = typer.Option(..., callback=output_folder("Triton model repository"), help="model repository folder"),
     name: Optional[str] = typer.Option(None, help="model name in the repository (default: file stem, '.' -> '_')"),
-    version: int = typer.Option(1, min=1, max=2**63 - 1, help="model version folder"),
+    version: int = typer.Option(1, min=1, max=INT64_MAX, help="model version folder"),
     max_batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH,
                                             help="max_batch_size for an ONNX (default 64); an engine's comes from its profile"),
     preferred: Optional[str] = typer.Option(None, help="dynamic batching preferred sizes, e.g. 16,32 (default: opt/half and max)"),
