@@ -29,6 +29,7 @@ from han_edge.bench import machine_description
 from han_edge.exporter import export_fp16, export_fp32, load_batch
 from han_edge.fileio import write_json
 from han_edge.jobs import (
+    ExportOptions,
     calibration_paths,
     compare_retrieval,
     heldout_paths,
@@ -84,7 +85,8 @@ def export_variant(variant: str, checkpoint: str | None, out: Path, log) -> tupl
         start = time.perf_counter()
         paths[name] = out / f"han_{variant}.{name}.onnx"
         reports[name] = export_int8(paths["fp32"], paths[name], calib, analysis, flavour=flavour,
-                                    exclude=None if trained else [])
+                                    exclude=None if trained else [],   # as `han-edge export`, fine-tune included
+                                    finetune_steps=ExportOptions().int8_finetune if trained else 0)
         seconds[name] = time.perf_counter() - start
         log(f"{variant} {name}: {seconds[name]:.0f} s, not INT8 {reports[name].excluded_groups or 'none'}, "
             f"FP32 nodes {len(reports[name].fp32_nodes)}, ORT ops {reports[name].ort_ops}")
@@ -137,7 +139,8 @@ def accuracy(paths: dict, config, reports: dict) -> list[dict]:
         retrieval = compare_retrieval(paths["fp32"], paths[name])
         row = {"kind": "accuracy", "precision": name, **held_out_accuracy(reference, paths[name], held), **retrieval,
                "excluded_groups": reports[name].excluded_groups, "fp32_nodes": reports[name].fp32_nodes,
-               "calibration": reports[name].method, "sensitivity": reports[name].sensitivity}
+               "calibration": reports[name].method, "sensitivity": reports[name].sensitivity,
+               "finetune": reports[name].finetune}
         rows.append(row)
         print(json.dumps(row))
     return rows

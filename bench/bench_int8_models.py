@@ -32,7 +32,8 @@ def main() -> None:
                          "neighbour_agreement": int8["neighbour_agreement"],
                          "clear_neighbour_agreement": int8["clear_neighbour_agreement"],
                          "clear_neighbour_share": int8["clear_neighbour_share"],
-                         "excluded_groups": int8["excluded_groups"], **int8["retrieval"]})
+                         "excluded_groups": int8["excluded_groups"], "finetune": int8["finetune"],
+                         **int8["retrieval"]})
             print(json.dumps(rows[-1]), flush=True)
     write_result("int8_models", rows)
 

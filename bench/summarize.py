@@ -129,7 +129,7 @@ def _export_sections(export: dict) -> list[str]:
 
 
 ACCURACY_COLUMNS = ["centred cosine", "NN agreement", "NN agreement, clear neighbours (share)", "rank-1 FP32 -> INT8", "rank-1 hits gained / lost (sign test)",
-                    "mAP FP32 -> INT8", "not INT8"]
+                    "mAP FP32 -> INT8", "not INT8", "fine-tune: held-out distance to FP32"]
 
 
 def _accuracy_cells(r: dict) -> list:
@@ -141,7 +141,17 @@ def _accuracy_cells(r: dict) -> list:
             "{gained} / {lost}".format(**r["rank1_changed"]) + (f" (p {r['rank1_changed']['p_value']:.2f})"
                                                                  if "p_value" in r.get("rank1_changed", {}) else "")
             if "rank1_changed" in r else "",
-            f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none"]
+            f"{100 * r['fp32']['mAP']:.1f} -> {100 * r['int8']['mAP']:.1f}", ", ".join(r["excluded_groups"]) or "none",
+            _finetune_cell(r.get("finetune"))]
+
+
+def _finetune_cell(finetune: dict | None) -> str:
+    if finetune is None:
+        return "none (run before the fine-tune existed)"
+    if not finetune:
+        return "none"
+    return (f"{finetune['steps']} steps: {finetune['loss_before']:.4f} -> {finetune['loss_after']:.4f}"
+            + ("" if finetune["kept"] else " (not kept)"))
 
 
 def _int8_models_section(models: dict) -> list[str]:

@@ -52,6 +52,7 @@ from han_edge.onnx_io import (
     set_metadata,
 )
 from han_edge.ort_quantize import CALIBRATION_METHODS, quantize
+from han_edge.qdq_finetune import finetune_qdq
 
 
 @dataclass(frozen=True)
@@ -133,13 +134,14 @@ class Int8Report:
     centred_cosine_ort_default: float | None = None
     neighbour_agreement_ort_default: float | None = None
     fp16_sensitivity: dict[str, float] = field(default_factory=dict)
+    finetune: dict = field(default_factory=dict)                   # qdq_finetune.FinetuneResult of the final model
     ort_ops: dict[str, int] = field(default_factory=dict)          # ONNX Runtime's optimised graph (CPU flavour)
 
 
 def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray, heldout_batch: np.ndarray,
                 flavour: str = "tensorrt", method: str = "percentile", exclude: list[str] | None = None,
                 target: float = 0.99, min_agreement: float = 0.95, max_excluded: int = 8,
-                report_batch: np.ndarray | None = None, progress=None) -> Int8Report:
+                report_batch: np.ndarray | None = None, finetune_steps: int = 0, progress=None) -> Int8Report:
     """Calibrated INT8 Q/DQ model; layer groups that hurt most stay out of INT8 (sensitivity analysis).
 
     The analysis runs when the fully quantised model misses either bar on ``heldout_batch``:
@@ -152,7 +154,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     the analysis. The report's accuracy is measured on ``report_batch`` (crops the analysis did not
     see; default ``heldout_batch``). In the TensorRT flavour excluded groups run in FP16, not FP32;
     op types stay FP32 only where ``han_edge.half``'s FP16 sensitivity analysis shows FP16 costs
-    more than ``FP16_TOLERANCE`` (named in the metadata).
+    more than ``FP16_TOLERANCE`` (named in the metadata). ``progress(done, total[, what])`` follows the
+    analysis (layer groups) and the fine-tune (steps).
     """
     import onnx
 
@@ -179,7 +182,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     # key is recalibrated, never trusted (its ranges become the model's scales)
     reused = (cache.is_file() and key_file.is_file()
               and key_file.read_bytes() == _key_line(key, cache.read_bytes()))
-    reference = run_ort(ort_session(fp32_path), heldout_batch)
+    teacher = ort_session(fp32_path)
+    reference = run_ort(teacher, heldout_batch)
     report = Int8Report(flavour, method, len(calib_batch), [], calibration_cache=str(cache), cache_reused=reused)
 
     with tempfile.TemporaryDirectory() as tmp:   # scratch models and the working calibration cache
@@ -204,20 +208,32 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         def score_model(model) -> float:
             return centred_cosine(reference, features(model))
 
-        def score(excluded_groups: list[str]) -> tuple[float, float]:
-            model = build(excluded_groups)
+        def scores(model) -> tuple[float, float]:
             got = features(qdq_to_fp16(model) if spec.fp16_float else model)
             return centred_cosine(reference, got), neighbour_agreement(reference, got)
 
+        def finetuned(model):
+            if not finetune_steps:
+                return model
+            tuned, result = finetune_qdq(model, calib_batch, lambda b: run_ort(teacher, b), heldout_batch, reference,
+                                         steps=finetune_steps,
+                                         progress=progress and (lambda d, t: progress(d, t, "fine-tune steps")))
+            report.finetune = result.__dict__
+            return tuned
+
         report.agreement_floor = agreement_floor(min_agreement, len(heldout_batch))
+        bars = (target, report.agreement_floor)
+        final = None
         if exclude is not None:
             report.excluded_groups = list(exclude)
         else:
-            cosine, agreement = score([])
-            if cosine < target or agreement < report.agreement_floor:
+            final = finetuned(build([]))
+            if not all(got >= want for got, want in zip(scores(final), bars)):
+                final = None   # the analysis ranks groups on the plain calibration (fine-tuning each is too slow)
                 report.sensitivity, report.excluded_groups = choose_exclusions(
-                    score, list(groups), (target, report.agreement_floor), max_excluded, progress)
-        final = build(report.excluded_groups)
+                    lambda excluded: scores(build(excluded)), list(groups), bars, max_excluded, progress)
+        if final is None:
+            final = finetuned(build(report.excluded_groups))
         if spec.fp16_float:
             report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
             final = qdq_to_fp16(final, report.fp32_nodes)
@@ -226,7 +242,8 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         atomic_write_bytes(key_file, _key_line(key, ranges), "calibration cache key")
 
     extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups,
-             "int8_equalized_pairs": report.equalized_pairs}
+             "int8_equalized_pairs": report.equalized_pairs,
+             "int8_finetune_steps": report.finetune["steps"] if report.finetune.get("kept") else 0}
     if spec.fp16_float:
         extra.update(float_precision="fp16", fp32_nodes=report.fp32_nodes, opset=FP16_OPSET)
     set_metadata(final, {**meta, **model_metadata(config, spec.precision, **extra)})

@@ -21,7 +21,7 @@ from han_edge.jobs import (
 )
 from han_edge.onnx_io import load_onnx, onnx_metadata, ort_session, read_config, run_ort
 from han_edge.ort_quantize import ImageReader, quantize
-from han_edge.quantize import INT8_FLAVOURS, export_int8
+from han_edge.quantize import INT8_FLAVOURS, export_int8, scoring_session
 
 # Accuracy bounds on the test fixture (HAN-S trained 4 epochs on 40 identities: rank-1 ~27%, against
 # ~65% for the demo's 8-epoch model). The acceptance bar — centred cosine >= 0.99, nearest-neighbour
@@ -30,12 +30,13 @@ from han_edge.quantize import INT8_FLAVOURS, export_int8
 # agreement is ~0.9 even between INT8 files that score 0.99 centred cosine, and on 181 queries one
 # query is 0.55 rank-1 points, so rank-1 may move by up to 5 queries (3 points) and mAP 1.5 points.
 FIXTURE_CENTRED, FIXTURE_NEIGHBOUR, FIXTURE_RANK1, FIXTURE_MAP = 0.985, 0.8, 0.03, 0.015
+FIXTURE_FINETUNE_STEPS = 40   # the export's default is 200 (~4 min of HAN-S on 2 cores); enough to move here
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, trained_checkpoint):
     out = tmp_path_factory.mktemp("export")
     result = export_all(ExportOptions(checkpoint=str(trained_checkpoint), fp16=True, int8=True, calib_size=128,
-                                      heldout_size=256,
+                                      heldout_size=256, int8_finetune=FIXTURE_FINETUNE_STEPS,
                                       int8_min_agreement=FIXTURE_NEIGHBOUR, out_dir=str(out)), log=lambda *_: None)
     return out, result
 
@@ -175,6 +176,26 @@ def test_int8_accuracy_on_trained_model(exported):
 
 
 @pytest.mark.slow
+def test_int8_finetune_lowers_the_files_distance_to_fp32(exported, tmp_path):
+    """The fine-tuned INT8 file (export default) against the same file calibrated only, in ONNX Runtime."""
+    out, result = exported
+    tuned = result["int8"]["finetune"]
+    assert tuned["steps"] == FIXTURE_FINETUNE_STEPS and tuned["kept"] and tuned["loss_after"] < tuned["loss_before"]
+    meta = onnx_metadata(load_onnx(out / "han_small.int8.onnx"))
+    assert json.loads(meta["han_edge.int8_finetune_steps"]) == FIXTURE_FINETUNE_STEPS
+    config, _ = read_config(out / "han_small.onnx")
+    held = load_batch(heldout_paths(256, offset=1), config)            # the crops the fine-tune was judged on
+    plain = tmp_path / "plain.int8.onnx"
+    export_int8(out / "han_small.onnx", plain, load_batch(calibration_paths(None, 128), config), held,
+                exclude=result["int8"]["excluded_groups"])
+    reference = run_ort(ort_session(out / "han_small.onnx"), held)
+
+    def distance(path):
+        return float(((run_ort(scoring_session(path, True), held) - reference) ** 2).sum(1).mean())
+    assert distance(out / "han_small.int8.onnx") < distance(plain)
+
+
+@pytest.mark.slow
 def test_int8_cpu_flavour_runs_integer_kernels(exported, cpu_exported):
     out, _ = exported
     path, report, retrieval = cpu_exported
@@ -299,6 +320,9 @@ def test_clear_errors(tmp_path, synthetic_root):
                   {"heldout_size": 2.5}):
         with pytest.raises(HanEdgeError, match="calib_size must be an integer of at least 1 and heldout_size"):
             export_all(ExportOptions(out_dir=str(tmp_path / "never"), **sizes))
+    for steps in (-1, 2.5, True, "10", 100_001):
+        with pytest.raises(HanEdgeError, match="int8_finetune must be a whole number of steps from 0 to 100000"):
+            export_all(ExportOptions(out_dir=str(tmp_path / "never"), int8=True, int8_finetune=steps))
     with pytest.raises(HanEdgeError, match=r"more than half the \d+ held-out crops: the INT8 analysis and its report"):
         export_all(ExportOptions(out_dir=str(tmp_path / "never"), int8=True, heldout_size=540))
     assert not (tmp_path / "never").exists()
@@ -326,7 +350,7 @@ def test_cli_export_without_tensorrt(tmp_path, synthetic_root):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed: the engine step would run")
     runner = CliRunner()
-    args = ["export", "--variant", "small", "--int8", "--int8-exclude", "", "--calib-size", "32",
+    args = ["export", "--variant", "small", "--int8", "--int8-exclude", "", "--calib-size", "32", "--int8-finetune", "2",
             "--out", str(tmp_path / "export"), "--engines", str(tmp_path / "engines")]
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.output

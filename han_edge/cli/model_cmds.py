@@ -25,6 +25,7 @@ def export(
     calibration: Literal["percentile", "entropy", "minmax"] = typer.Option("percentile", help="calibration method (percentile: 99.999th, the closest to FP32 on our measurements)"),
     calib: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="folder of calibration crops (default: synthetic training images)"),
     calib_size: int = typer.Option(256, min=1, max=100_000, help="number of calibration images"),
+    int8_finetune: int = typer.Option(200, min=0, max=100_000, help="steps fine-tuning the INT8 file's weights, biases and scales against FP32 on the calibration images (0: calibration only)"),
     max_batch: int = typer.Option(64, min=1, max=MAX_BATCH, help="engine profile maximum batch"),
     opt_batch: Optional[int] = typer.Option(None, min=1, max=MAX_BATCH, help="engine profile optimum batch (default: min(32, --max-batch))"),
     workspace: int = typer.Option(1024, min=1, max=1 << 20, help="TensorRT workspace limit in MiB"),
@@ -43,12 +44,12 @@ def export(
                             int8=int8, int8_target=target,
                             int8_exclude=group_list(int8_exclude),
                             calibration=calibration, calib_dir=str(calib) if calib else None, calib_size=calib_size,
-                            out_dir=str(out))
+                            int8_finetune=int8_finetune, out_dir=str(out))
     with progress_bar() as bar:
-        task = bar.add_task("INT8 sensitivity", total=None, info="", visible=False)
+        task = bar.add_task("INT8", total=None, info="", visible=False)
 
-        def progress(done, total):
-            bar.update(task, completed=done, total=total, visible=True, info="layer groups")
+        def progress(done, total, info="sensitivity: layer groups"):
+            bar.update(task, completed=done, total=total, visible=True, info=info)
         result = export_all(options, log=console.print, progress=progress)
     if fold_normalization:
         from han_edge.fold import fold_export
