@@ -34,15 +34,33 @@ def _torch():
     return torch, F
 
 
-def _axes(ins, attrs):
-    return tuple(attrs["axes"]) if "axes" in attrs else tuple(int(a) for a in ins[1].tolist())
+def _unsupported(what: str):
+    return HanEdgeError(f"INT8 fine-tuning does not support {what} (han-edge's export never writes it)")
+
+
+def _axes(ins, attrs, rank: int) -> tuple[int, ...]:
+    if "axes" in attrs:
+        return tuple(attrs["axes"])
+    if len(ins) > 1 and ins[1] is not None and ins[1].numel():
+        return tuple(int(a) for a in ins[1].tolist())
+    if attrs.get("noop_with_empty_axes", 0):
+        raise _unsupported("a reduction with noop_with_empty_axes")
+    return tuple(range(rank))   # no axes: every axis
+
+
+def _reduce(ins, attrs, how: str):
+    torch, _ = _torch()
+    dims, keep = _axes(ins, attrs, ins[0].dim()), bool(attrs.get("keepdims", 1))
+    if how == "mean":
+        return ins[0].mean(dim=dims, keepdim=keep)
+    return torch.linalg.vector_norm(ins[0], dim=dims, keepdim=keep)   # gradient 0, not NaN, at a zero row
 
 
 def _conv(ins, attrs):
     _, F = _torch()
-    pads = attrs.get("pads", [0, 0, 0, 0])
-    if pads[:2] != pads[2:]:
-        raise HanEdgeError("fine-tuning supports symmetric Conv padding only")
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    if ins[0].dim() != 4 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" or pads[:2] != pads[2:]:
+        raise _unsupported("a Conv other than 2-D with explicit symmetric padding")
     return F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, attrs.get("strides", 1),
                     tuple(pads[:2]), attrs.get("dilations", 1), attrs.get("group", 1))
 
@@ -61,6 +79,13 @@ def _batch_norm(ins, attrs):
             + bias.view(shape))
 
 
+def _flatten(ins, attrs):
+    x = ins[0]
+    axis = attrs.get("axis", 1)
+    axis += x.dim() if axis < 0 else 0
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+
+
 def _reshape(ins, attrs):
     shape = [int(v) for v in ins[1].tolist()]
     if not attrs.get("allowzero", 0):
@@ -72,6 +97,8 @@ def _slice(ins, attrs):
     data, starts, ends = ins[0], ins[1].tolist(), ins[2].tolist()
     axes = ins[3].tolist() if len(ins) > 3 and ins[3] is not None else range(len(starts))
     steps = ins[4].tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    if any(step < 1 for step in steps):
+        raise _unsupported("a Slice with a negative step")
     index = [slice(None)] * data.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps):
         index[axis] = slice(start, min(end, data.shape[axis]), step)
@@ -80,8 +107,10 @@ def _slice(ins, attrs):
 
 def _resize(ins, attrs):
     _, F = _torch()
-    if attrs.get("mode") != b"linear" or attrs.get("coordinate_transformation_mode") != b"half_pixel" or len(ins) < 4:
-        raise HanEdgeError("fine-tuning supports Resize only as bilinear, half-pixel, to given sizes")
+    if (attrs.get("mode") != b"linear" or attrs.get("coordinate_transformation_mode", b"half_pixel") != b"half_pixel"
+            or len(ins) < 4 or ins[3] is None or ins[0].dim() != 4 or attrs.get("antialias", 0) or "axes" in attrs
+            or attrs.get("keep_aspect_ratio_policy", b"stretch") != b"stretch"):
+        raise _unsupported("a Resize other than 2-D bilinear, half-pixel, to given sizes")
     return F.interpolate(ins[0], size=[int(v) for v in ins[3].tolist()[2:]], mode="bilinear", align_corners=False)
 
 
@@ -96,12 +125,15 @@ def _constant(ins, attrs):
     torch, _ = _torch()
     from onnx import numpy_helper
 
+    if "value" not in attrs:
+        raise _unsupported("a Constant without a tensor 'value'")
     return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
 
 
 def _shape(ins, attrs):
     torch, _ = _torch()
-    return torch.tensor(list(ins[0].shape), dtype=torch.int64)
+    shape = list(ins[0].shape)[attrs.get("start", 0):attrs.get("end", None)]
+    return torch.tensor(shape, dtype=torch.int64)
 
 
 def _expand(ins, attrs):
@@ -109,18 +141,25 @@ def _expand(ins, attrs):
     return ins[0].expand(torch.broadcast_shapes(ins[0].shape, tuple(int(v) for v in ins[1].tolist())))
 
 
+def _div(ins, attrs):
+    torch, _ = _torch()
+    floating = ins[0].is_floating_point() or ins[1].is_floating_point()
+    return ins[0] / ins[1] if floating else torch.div(ins[0], ins[1], rounding_mode="trunc")
+
+
+def _transpose(ins, attrs):
+    return ins[0].permute(*attrs.get("perm", range(ins[0].dim() - 1, -1, -1)))
+
+
 OPS = {
     "Conv": _conv, "Gemm": _gemm, "BatchNormalization": _batch_norm,
     "Relu": lambda i, a: i[0].clamp(min=0), "Sigmoid": lambda i, a: i[0].sigmoid(), "Tanh": lambda i, a: i[0].tanh(),
-    "Add": lambda i, a: i[0] + i[1], "Mul": lambda i, a: i[0] * i[1], "Div": lambda i, a: i[0] / i[1],
+    "Add": lambda i, a: i[0] + i[1], "Mul": lambda i, a: i[0] * i[1], "Div": _div,
     "GlobalAveragePool": lambda i, a: i[0].mean(dim=(2, 3), keepdim=True),
-    "ReduceMean": lambda i, a: i[0].mean(dim=_axes(i, a), keepdim=bool(a.get("keepdims", 1))),
-    "ReduceL2": lambda i, a: i[0].square().sum(dim=_axes(i, a), keepdim=bool(a.get("keepdims", 1))).sqrt(),
+    "ReduceMean": lambda i, a: _reduce(i, a, "mean"), "ReduceL2": lambda i, a: _reduce(i, a, "l2"),
     "Clip": lambda i, a: i[0].clamp(i[1] if len(i) > 1 else None, i[2] if len(i) > 2 else None),
-    "Flatten": lambda i, a: i[0].flatten(a.get("axis", 1)),
-    "Reshape": _reshape, "Shape": _shape, "Slice": _slice, "Expand": _expand,
-    "Concat": lambda i, a: _torch()[0].cat(i, dim=a["axis"]),
-    "Transpose": lambda i, a: i[0].permute(*a["perm"]),
+    "Flatten": _flatten, "Reshape": _reshape, "Shape": _shape, "Slice": _slice, "Expand": _expand,
+    "Concat": lambda i, a: _torch()[0].cat(i, dim=a["axis"]), "Transpose": _transpose,
     "Resize": _resize, "GridSample": _grid_sample, "Constant": _constant,
 }
 
@@ -151,27 +190,46 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
                 raise HanEdgeError(f"INT8 fine-tuning cannot run operators {', '.join(unknown)}")
             self.params = torch.nn.ParameterDict()
             self.param_of: dict[str, str] = {}   # initializer -> parameter key
-            self.weights: dict[str, tuple] = {}  # weight DequantizeLinear -> (int8 initializer, scale, lo, hi)
-            self.log_scales: set[str] = set()
-            for node, attrs in self.nodes:
+            self.weights: dict[int, tuple] = {}  # index of a weight DequantizeLinear -> (int8 initializer, scale)
+            self.scales: dict[str, float] = {}   # activation scale initializer -> calibrated value (learned: log-ratio)
+            self.last_use: dict[str, int] = {}   # tensor -> index of the last node reading it (freed after it)
+            for index, (node, attrs) in enumerate(self.nodes):
+                for name in node.input:
+                    self.last_use[name] = index
                 if node.op_type == "DequantizeLinear" and self._is_weight(node.input[0]):
-                    q = self.consts[node.input[0]]
-                    shape = [1] * q.ndim
-                    shape[attrs.get("axis", 1)] = -1
-                    scale = torch.from_numpy(self.consts[node.input[1]].astype(np.float32).reshape(shape))
-                    self._learn(node.input[0], q.astype(np.float32) * scale.numpy())
-                    self.weights[node.name] = (node.input[0], scale, -127, 127)
+                    self.weights[index] = self._weight(node, attrs)
+                elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    self._activation_quantizer(node)
                 elif node.op_type in ("Conv", "Gemm"):
                     for name in node.input[1:3]:   # float weights (kept out of INT8) and biases
                         if name in self.consts and self.consts[name].dtype == np.float32:
                             self._learn(name, self.consts[name])
-                elif node.op_type == "QuantizeLinear" and self.consts.get(node.input[1], np.zeros(2)).ndim == 0:
-                    self._learn(node.input[1], np.log(self.consts[node.input[1]]))
-                    self.log_scales.add(node.input[1])
+            for name in (o.name for o in graph.output):
+                self.last_use[name] = len(self.nodes)
 
         def _is_weight(self, name: str) -> bool:
             value = self.consts.get(name)
             return value is not None and value.dtype == np.int8 and value.ndim > 1
+
+        def _weight(self, node, attrs) -> tuple:
+            q, zero = self.consts[node.input[0]], node.input[2] if len(node.input) > 2 else ""
+            if zero and (zero not in self.consts or self.consts[zero].any()):
+                raise _unsupported(f"INT8 weights with a zero point ({node.input[0]})")
+            shape = [1] * q.ndim
+            shape[attrs.get("axis", 1) % q.ndim] = -1
+            scale = torch.from_numpy(np.array(self.consts[node.input[1]], np.float32).reshape(shape))
+            self._learn(node.input[0], q.astype(np.float32) * scale.numpy())
+            return node.input[0], scale
+
+        def _activation_quantizer(self, node) -> None:
+            scale, zero = node.input[1], node.input[2] if len(node.input) > 2 else ""
+            value = self.consts.get(scale)
+            if value is None or value.ndim != 0 or value.dtype != np.float32 or (zero and zero not in self.consts):
+                raise _unsupported(f"{node.op_type} {node.name!r} other than per-tensor with a float32 scale "
+                                   "and zero point stored in the file")
+            if scale not in self.scales:
+                self.scales[scale] = float(value)
+                self._learn(scale, np.zeros((), np.float32))
 
         def _learn(self, name: str, value: np.ndarray) -> None:
             if name not in self.param_of:
@@ -179,39 +237,43 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
                 self.params[self.param_of[name]] = torch.nn.Parameter(torch.from_numpy(np.array(value, np.float32)))
 
         def scale_parameters(self) -> list:
-            return [self.params[self.param_of[n]] for n in sorted(self.log_scales)]
+            return [self.params[self.param_of[n]] for n in self.scales]
 
         def other_parameters(self) -> list:
-            return [self.params[k] for n, k in self.param_of.items() if n not in self.log_scales]
+            return [self.params[k] for n, k in self.param_of.items() if n not in self.scales]
 
         def _value(self, name: str, env: dict):
             if name in env:
                 return env[name]
+            if name in self.scales:
+                return self.scales[name] * self.params[self.param_of[name]].exp()
             if name in self.param_of:
-                param = self.params[self.param_of[name]]
-                return param.exp() if name in self.log_scales else param
-            env[name] = torch.from_numpy(np.array(self.consts[name]))
-            return env[name]
+                return self.params[self.param_of[name]]
+            return torch.from_numpy(np.array(self.consts[name]))
+
+        def _quantizer(self, node, ins):
+            zero_name = node.input[2] if len(node.input) > 2 else ""
+            zero_type = self.consts[zero_name].dtype if zero_name else np.uint8   # ONNX's default: uint8, 0
+            zero = float(self.consts[zero_name]) if zero_name else 0.0
+            if node.op_type == "QuantizeLinear":   # levels as floats, consumed by the DequantizeLinear after it
+                lo, hi = _qrange(zero_type)
+                return (_ste_round(ins[0] / ins[1]) + zero).clamp(lo, hi)
+            return (ins[0].float() - zero) * ins[1]
 
         def forward(self, x):
             env = {self.model.graph.input[0].name: x}
-            for node, attrs in self.nodes:
-                if node.name in self.weights:
-                    q_name, scale, lo, hi = self.weights[node.name]
-                    w = self.params[self.param_of[q_name]]
-                    env[node.output[0]] = _ste_round(w / scale).clamp(lo, hi) * scale
-                    continue
-                ins = [self._value(i, env) if i else None for i in node.input]
-                if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-                    zero = ins[2].float() if len(ins) > 2 and ins[2] is not None else 0.0
-                    if node.op_type == "QuantizeLinear":   # levels as floats, consumed by the DQ after it
-                        lo, hi = _qrange(self.consts[node.input[2]].dtype if len(node.input) > 2 else np.uint8)
-                        out = (_ste_round(ins[0] / ins[1]) + zero).clamp(lo, hi)
-                    else:
-                        out = (ins[0].float() - zero) * ins[1]
+            for index, (node, attrs) in enumerate(self.nodes):
+                if index in self.weights:
+                    q_name, scale = self.weights[index]
+                    out = _ste_round(self.params[self.param_of[q_name]] / scale).clamp(-127, 127) * scale
                 else:
-                    out = OPS[node.op_type](ins, attrs)
+                    ins = [self._value(i, env) if i else None for i in node.input]
+                    quantizer = node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    out = self._quantizer(node, ins) if quantizer else OPS[node.op_type](ins, attrs)
                 env[node.output[0]] = out
+                for name in node.input:            # activations no later node reads
+                    if self.last_use.get(name) == index:
+                        env.pop(name, None)
             return env[self.model.graph.output[0].name]
 
         def write_back(self):
@@ -222,14 +284,13 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
             out.CopyFrom(self.model)
             inits = {i.name: i for i in out.graph.initializer}
             with torch.no_grad():
-                learned = {q: (s, lo, hi) for q, s, lo, hi in self.weights.values()}
+                learned = dict(self.weights.values())
                 for name, key in self.param_of.items():
                     value = self.params[key].detach()
-                    if name in learned:
-                        scale, lo, hi = learned[name]
-                        array = (value / scale).round().clamp(lo, hi).numpy().astype(np.int8)
-                    elif name in self.log_scales:
-                        array = np.array(value.exp().item(), dtype=np.float32)
+                    if name in learned:   # the forward pass's own rounding
+                        array = (value / learned[name]).round().clamp(-127, 127).numpy().astype(np.int8)
+                    elif name in self.scales:
+                        array = np.array(self._value(name, {}).item(), dtype=np.float32)
                     else:
                         array = value.numpy().astype(np.float32)
                     inits[name].CopyFrom(numpy_helper.from_array(array, name))
@@ -248,12 +309,15 @@ class FinetuneResult:
 
 def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldout_reference: np.ndarray,
                  steps: int = 200, batch: int = 32, lr: float = 3e-5, scale_lr: float = 2e-3, seed: int = 0,
-                 progress=None):
+                 judge=None, progress=None):
     """(Q/DQ model after ``steps`` of fine-tuning towards ``teacher``'s features, ``FinetuneResult``).
 
     ``teacher(batch) -> features`` is the FP32 model; ``images`` (calibration crops) and their mirror
     images are the training set. The result is kept only if it lowers the squared feature distance
-    to FP32 on ``heldout`` (crops it never trained on, with their FP32 ``heldout_reference``).
+    to FP32 on ``heldout`` (crops it never trained on, with their FP32 ``heldout_reference``), as
+    ``judge(model) -> distance`` measures it (default: this module's own execution; the INT8 export
+    judges with ONNX Runtime, whose integer kernels round differently). A step whose loss or
+    gradients are not finite is skipped.
     """
     torch, _ = _torch()
     if steps < 1 or len(images) == 0:
@@ -263,14 +327,15 @@ def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldou
     graph = QDQGraph(model)
     train = np.concatenate([images, images[..., ::-1]])
     targets = np.concatenate([teacher(images), teacher(np.ascontiguousarray(images[..., ::-1]))])
-    val_x, val_y = torch.from_numpy(heldout), torch.from_numpy(heldout_reference)
 
-    def held_loss() -> float:
+    def own_distance(_model) -> float:
         with torch.no_grad():
-            return float(sum(((graph(val_x[i:i + 64]) - val_y[i:i + 64]) ** 2).sum() for i in range(0, len(val_x), 64))
-                         / len(val_x))
+            return float(sum(((graph(torch.from_numpy(heldout[i:i + 64])) - torch.from_numpy(heldout_reference[i:i + 64]))
+                              ** 2).sum() for i in range(0, len(heldout), 64)) / len(heldout))
 
-    before = held_loss()
+    judge = judge or own_distance
+    before = judge(model)
+    parameters = graph.other_parameters() + graph.scale_parameters()
     optimiser = torch.optim.Adam([{"params": graph.other_parameters(), "lr": lr},
                                   {"params": graph.scale_parameters(), "lr": scale_lr}])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
@@ -280,10 +345,12 @@ def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldou
         loss = ((graph(x) - y) ** 2).sum(dim=1).mean()
         optimiser.zero_grad()
         loss.backward()
-        optimiser.step()
+        if torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None):
+            optimiser.step()
         schedule.step()
         if progress:
             progress(step + 1, steps)
-    after = held_loss()
-    kept = after < before
-    return (graph.write_back() if kept else model), FinetuneResult(steps, before, after, kept)
+    tuned = graph.write_back()
+    after = judge(tuned)
+    kept = bool(after < before)   # NaN compares False
+    return (tuned if kept else model), FinetuneResult(steps, float(before), float(after), kept)

@@ -215,8 +215,12 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         def finetuned(model):
             if not finetune_steps:
                 return model
+            def distance(candidate) -> float:   # as the file runs: ONNX Runtime, FP16 float part for TensorRT
+                got = features(qdq_to_fp16(candidate) if spec.fp16_float else candidate)
+                return float(((got - reference) ** 2).sum(axis=1).mean())
+
             tuned, result = finetune_qdq(model, calib_batch, lambda b: run_ort(teacher, b), heldout_batch, reference,
-                                         steps=finetune_steps,
+                                         steps=finetune_steps, judge=distance,
                                          progress=progress and (lambda d, t: progress(d, t, "fine-tune steps")))
             report.finetune = result.__dict__
             return tuned

@@ -77,7 +77,7 @@ def test_write_back_changes_values_only():
     graph = QDQGraph(model)
     with torch.no_grad():
         for name, key in graph.param_of.items():
-            graph.params[key] += 0.5 if name in graph.log_scales else 0.01
+            graph.params[key] += 0.5 if name in graph.scales else 0.01
     out = graph.write_back()
     assert [(n.op_type, n.name, list(n.input), list(n.output)) for n in out.graph.node] == \
            [(n.op_type, n.name, list(n.input), list(n.output)) for n in model.graph.node]
@@ -119,11 +119,55 @@ def test_finetune_lowers_the_distance_to_its_teacher_or_keeps_the_model():
     assert same is teacher_model and not result.kept and result.loss_after == pytest.approx(result.loss_before)
 
 
+def test_unnamed_nodes_and_operator_details_follow_onnx():
+    """Node names are optional in ONNX; Flatten is 2-D at any axis; Shape takes start/end; Div on int64 truncates."""
+    model = _tiny_qdq()
+    for node in model.graph.node:
+        node.name = ""
+    x = np.random.default_rng(4).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    assert (np.abs(_run(QDQGraph(model), x) - _raw_session(model).run(None, {"x": x})[0]) > 1e-6).mean() < 0.02
+    shape = helper.make_tensor_value_info
+    for op, attrs, out_shape in [("Flatten", {"axis": 2}, [6, 4]), ("Flatten", {"axis": -1}, [6, 4]),
+                                 ("Flatten", {"axis": 0}, [1, 24])]:
+        graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], **attrs)], "g",
+                                  [shape("x", TensorProto.FLOAT, [2, 3, 4])], [shape("y", TensorProto.FLOAT, out_shape)])
+        tiny = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+        np.testing.assert_array_equal(_run(QDQGraph(tiny), x), _raw_session(tiny).run(None, {"x": x})[0])
+    nodes = [helper.make_node("Shape", ["x"], ["s"], start=1), helper.make_node("Div", ["s", "two"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [shape("x", TensorProto.FLOAT, [2, 3, 5])], [shape("y", TensorProto.INT64, [2])],
+                              [numpy_helper.from_array(np.array(2, np.int64), "two")])
+    tiny = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.zeros((2, 3, 5), np.float32)
+    np.testing.assert_array_equal(_run(QDQGraph(tiny), x), _raw_session(tiny).run(None, {"x": x})[0])
+
+
+def test_a_zero_feature_row_leaves_gradients_finite():
+    """ReduceL2 after a ReLU (how F.normalize exports) at an all-zero row: gradient 0, not NaN."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("ReduceL2", ["r"], ["n"], axes=[1], keepdims=1),
+             helper.make_node("Add", ["r", "n"], ["y"])]
+    shape = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [shape("x", TensorProto.FLOAT, [2, 4])], [shape("y", TensorProto.FLOAT, [2, 4])])
+    x = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [1.0, 2.0, 3.0, 4.0]], requires_grad=True)
+    QDQGraph(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_unsupported_graphs_are_one_sentence():
     model = _tiny_qdq()
     model.graph.node.append(helper.make_node("Erf", ["y"], ["erf"], name="erf"))
     with pytest.raises(HanEdgeError, match="cannot run operators Erf"):
         QDQGraph(model)
+    per_channel = _tiny_qdq()                      # an activation quantiser with one scale per channel
+    scale = next(i for i in per_channel.graph.initializer if i.name == "s1")
+    scale.CopyFrom(numpy_helper.from_array(np.full(4, 0.03, np.float32), "s1"))
+    with pytest.raises(HanEdgeError, match="does not support QuantizeLinear 'q1' other than per-tensor"):
+        QDQGraph(per_channel)
+    shifted = _tiny_qdq()                          # INT8 weights with a zero point
+    zero = next(i for i in shifted.graph.initializer if i.name == "w_zero")
+    zero.CopyFrom(numpy_helper.from_array(np.ones(4, np.int8), "w_zero"))
+    with pytest.raises(HanEdgeError, match="does not support INT8 weights with a zero point"):
+        QDQGraph(shifted)
     with pytest.raises(HanEdgeError, match="at least one step"):
         finetune_qdq(_tiny_qdq(), np.zeros((2, 3, 8, 8), np.float32), lambda b: b, np.zeros((1, 3, 8, 8), np.float32),
                      np.zeros((1, 256), np.float32), steps=0)
