@@ -4,19 +4,21 @@ Post-training quantisation leaves HAN's features at a centred cosine of ~0.997-0
 and on some trained models that moves the nearest neighbour of ~5% of crops (issue 11); nine out of
 ten parts of that error come from the 8-bit *activations* (INT8 weights alone: 0.99975). Calibration
 choices (percentile, entropy, MinMax, MSE clipping), bias correction and range equalisation did not
-move it; a fake-quantised distillation in PyTorch did not either, because its quantisers were not
-where ONNX Runtime puts them. So the fine-tune runs the quantised ONNX graph as it is:
+move it, nor did a fake-quantised distillation in PyTorch whose quantisers were not where ONNX
+Runtime puts them. So the fine-tune runs the quantised ONNX graph as it is:
 ``QDQGraph`` executes it in PyTorch node by node, every QuantizeLinear/DequantizeLinear pair a fake
 quantiser at the file's own place, with the file's scales and zero points (straight-through
 rounding). It learns, against the FP32 model's features of the calibration images (and their
 mirror images), the INT8 weights (per-channel scales fixed), the float biases and the activation
-scales (as log-scales, LSQ-style); ``write_back`` puts them into the same graph. Nothing else of the
-file changes: placement, zero points, op types and the ONNX Runtime kernels that run it.
+scales (as a log-ratio to the calibrated scale, LSQ-style); ``write_back`` puts them into the same
+graph. Nothing else of the file changes: placement, zero points, op types and the ONNX Runtime kernels
+that run it. Measured on four trained HAN-S (README, Measurements): 14-24% less squared feature
+distance to FP32 on held-out crops; the nearest-neighbour agreement does not move beyond its noise.
 
 Hand-written because no converter takes Q/DQ graphs: onnx2torch (1.5.15) has no QuantizeLinear,
 DequantizeLinear or GridSample and needs Conv weights as initializers, where a Q/DQ graph has them
-behind DequantizeLinear. ``OPS`` covers the operators han-edge's export writes; any other is one
-sentence.
+behind DequantizeLinear. ``han_edge.torch_ops.OPS`` covers the operators han-edge's export writes;
+any other is one sentence.
 """
 from __future__ import annotations
 
@@ -25,143 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from han_edge.errors import HanEdgeError
-
-
-def _torch():
-    import torch
-    import torch.nn.functional as F
-
-    return torch, F
-
-
-def _unsupported(what: str):
-    return HanEdgeError(f"INT8 fine-tuning does not support {what} (han-edge's export never writes it)")
-
-
-def _axes(ins, attrs, rank: int) -> tuple[int, ...]:
-    if "axes" in attrs:
-        return tuple(attrs["axes"])
-    if len(ins) > 1 and ins[1] is not None and ins[1].numel():
-        return tuple(int(a) for a in ins[1].tolist())
-    if attrs.get("noop_with_empty_axes", 0):
-        raise _unsupported("a reduction with noop_with_empty_axes")
-    return tuple(range(rank))   # no axes: every axis
-
-
-def _reduce(ins, attrs, how: str):
-    torch, _ = _torch()
-    dims, keep = _axes(ins, attrs, ins[0].dim()), bool(attrs.get("keepdims", 1))
-    if how == "mean":
-        return ins[0].mean(dim=dims, keepdim=keep)
-    return torch.linalg.vector_norm(ins[0], dim=dims, keepdim=keep)   # gradient 0, not NaN, at a zero row
-
-
-def _conv(ins, attrs):
-    _, F = _torch()
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    if ins[0].dim() != 4 or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" or pads[:2] != pads[2:]:
-        raise _unsupported("a Conv other than 2-D with explicit symmetric padding")
-    return F.conv2d(ins[0], ins[1], ins[2] if len(ins) > 2 else None, attrs.get("strides", 1),
-                    tuple(pads[:2]), attrs.get("dilations", 1), attrs.get("group", 1))
-
-
-def _gemm(ins, attrs):
-    a = ins[0].t() if attrs.get("transA", 0) else ins[0]
-    b = ins[1].t() if attrs.get("transB", 0) else ins[1]
-    out = attrs.get("alpha", 1.0) * (a @ b)
-    return out + attrs.get("beta", 1.0) * ins[2] if len(ins) > 2 and ins[2] is not None else out
-
-
-def _batch_norm(ins, attrs):
-    x, scale, bias, mean, var = ins
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return ((x - mean.view(shape)) / (var.view(shape) + attrs.get("epsilon", 1e-5)).sqrt() * scale.view(shape)
-            + bias.view(shape))
-
-
-def _flatten(ins, attrs):
-    x = ins[0]
-    axis = attrs.get("axis", 1)
-    axis += x.dim() if axis < 0 else 0
-    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
-
-
-def _reshape(ins, attrs):
-    shape = [int(v) for v in ins[1].tolist()]
-    if not attrs.get("allowzero", 0):
-        shape = [ins[0].shape[i] if v == 0 else v for i, v in enumerate(shape)]
-    return ins[0].reshape(shape)
-
-
-def _slice(ins, attrs):
-    data, starts, ends = ins[0], ins[1].tolist(), ins[2].tolist()
-    axes = ins[3].tolist() if len(ins) > 3 and ins[3] is not None else range(len(starts))
-    steps = ins[4].tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-    if any(step < 1 for step in steps):
-        raise _unsupported("a Slice with a negative step")
-    index = [slice(None)] * data.dim()
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        index[axis] = slice(start, min(end, data.shape[axis]), step)
-    return data[tuple(index)]
-
-
-def _resize(ins, attrs):
-    _, F = _torch()
-    if (attrs.get("mode") != b"linear" or attrs.get("coordinate_transformation_mode", b"half_pixel") != b"half_pixel"
-            or len(ins) < 4 or ins[3] is None or ins[0].dim() != 4 or attrs.get("antialias", 0) or "axes" in attrs
-            or attrs.get("keep_aspect_ratio_policy", b"stretch") != b"stretch"):
-        raise _unsupported("a Resize other than 2-D bilinear, half-pixel, to given sizes")
-    return F.interpolate(ins[0], size=[int(v) for v in ins[3].tolist()[2:]], mode="bilinear", align_corners=False)
-
-
-def _grid_sample(ins, attrs):
-    _, F = _torch()
-    return F.grid_sample(ins[0], ins[1], mode=attrs.get("mode", b"bilinear").decode(),
-                         padding_mode=attrs.get("padding_mode", b"zeros").decode(),
-                         align_corners=bool(attrs.get("align_corners", 0)))
-
-
-def _constant(ins, attrs):
-    torch, _ = _torch()
-    from onnx import numpy_helper
-
-    if "value" not in attrs:
-        raise _unsupported("a Constant without a tensor 'value'")
-    return torch.from_numpy(np.array(numpy_helper.to_array(attrs["value"])))
-
-
-def _shape(ins, attrs):
-    torch, _ = _torch()
-    shape = list(ins[0].shape)[attrs.get("start", 0):attrs.get("end", None)]
-    return torch.tensor(shape, dtype=torch.int64)
-
-
-def _expand(ins, attrs):
-    torch, _ = _torch()
-    return ins[0].expand(torch.broadcast_shapes(ins[0].shape, tuple(int(v) for v in ins[1].tolist())))
-
-
-def _div(ins, attrs):
-    torch, _ = _torch()
-    floating = ins[0].is_floating_point() or ins[1].is_floating_point()
-    return ins[0] / ins[1] if floating else torch.div(ins[0], ins[1], rounding_mode="trunc")
-
-
-def _transpose(ins, attrs):
-    return ins[0].permute(*attrs.get("perm", range(ins[0].dim() - 1, -1, -1)))
-
-
-OPS = {
-    "Conv": _conv, "Gemm": _gemm, "BatchNormalization": _batch_norm,
-    "Relu": lambda i, a: i[0].clamp(min=0), "Sigmoid": lambda i, a: i[0].sigmoid(), "Tanh": lambda i, a: i[0].tanh(),
-    "Add": lambda i, a: i[0] + i[1], "Mul": lambda i, a: i[0] * i[1], "Div": _div,
-    "GlobalAveragePool": lambda i, a: i[0].mean(dim=(2, 3), keepdim=True),
-    "ReduceMean": lambda i, a: _reduce(i, a, "mean"), "ReduceL2": lambda i, a: _reduce(i, a, "l2"),
-    "Clip": lambda i, a: i[0].clamp(i[1] if len(i) > 1 else None, i[2] if len(i) > 2 else None),
-    "Flatten": _flatten, "Reshape": _reshape, "Shape": _shape, "Slice": _slice, "Expand": _expand,
-    "Concat": lambda i, a: _torch()[0].cat(i, dim=a["axis"]), "Transpose": _transpose,
-    "Resize": _resize, "GridSample": _grid_sample, "Constant": _constant,
-}
+from han_edge.torch_ops import OPS, torch_and_functional, unsupported
 
 
 def _ste_round(v):
@@ -175,7 +41,7 @@ def _qrange(zero_point_dtype) -> tuple[int, int]:
 
 def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module imports without torch
     """PyTorch module executing the Q/DQ ONNX ``model`` with fake quantisation (see the module docstring)."""
-    torch, _ = _torch()
+    torch, _ = torch_and_functional()
     from onnx import helper, numpy_helper
 
     class _QDQGraph(torch.nn.Module):
@@ -214,7 +80,7 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
         def _weight(self, node, attrs) -> tuple:
             q, zero = self.consts[node.input[0]], node.input[2] if len(node.input) > 2 else ""
             if zero and (zero not in self.consts or self.consts[zero].any()):
-                raise _unsupported(f"INT8 weights with a zero point ({node.input[0]})")
+                raise unsupported(f"INT8 weights with a zero point ({node.input[0]})")
             shape = [1] * q.ndim
             shape[attrs.get("axis", 1) % q.ndim] = -1
             scale = torch.from_numpy(np.array(self.consts[node.input[1]], np.float32).reshape(shape))
@@ -225,7 +91,7 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
             scale, zero = node.input[1], node.input[2] if len(node.input) > 2 else ""
             value = self.consts.get(scale)
             if value is None or value.ndim != 0 or value.dtype != np.float32 or (zero and zero not in self.consts):
-                raise _unsupported(f"{node.op_type} {node.name!r} other than per-tensor with a float32 scale "
+                raise unsupported(f"{node.op_type} {node.name!r} other than per-tensor with a float32 scale "
                                    "and zero point stored in the file")
             if scale not in self.scales:
                 self.scales[scale] = float(value)
@@ -319,7 +185,7 @@ def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldou
     judges with ONNX Runtime, whose integer kernels round differently). A step whose loss or
     gradients are not finite is skipped.
     """
-    torch, _ = _torch()
+    torch, _ = torch_and_functional()
     if steps < 1 or len(images) == 0:
         raise HanEdgeError("INT8 fine-tuning needs at least one step and one image")
     torch.manual_seed(seed)
