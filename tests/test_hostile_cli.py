@@ -128,6 +128,8 @@ def test_typos_are_refused_before_the_export(tmp_path):
     refused(["export", "--int8", "--target", "cpux", "--out", tmp_path / "e"], "--target")
     refused(["export", "--int8", "--calibration", "minmax2", "--out", tmp_path / "e"], "--calibration")
     refused(["export", "--int8", "--out", tmp_path / "e", "--opt-batch", "65"], "--opt-batch 65 is larger than --max-batch 64")
+    for steps in ("-1", "100001", "2.5", "many"):
+        refused(["export", "--int8", "--int8-finetune", steps, "--out", tmp_path / "e"], "--int8-finetune")
     for text, match in ((",,", "has an empty entry"), ("stem,,global_fc", "has an empty entry"), ("stem,stem", "twice")):
         refused(["export", "--int8", "--int8-exclude", text, "--out", tmp_path / "e"], match)
     assert not list(tmp_path.rglob("*.onnx"))
