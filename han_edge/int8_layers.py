@@ -67,7 +67,7 @@ def choose_exclusions(score, groups: list[str], targets: tuple[float, float], ma
     for i, group in enumerate(groups):
         sensitivity[group] = 1 - score([g for g in groups if g != group])[0]
         if progress:
-            progress(i + 1, len(groups))
+            progress(i + 1, len(groups), "sensitivity: layer groups")
     excluded: list[str] = []
     for group in sorted(sensitivity, key=sensitivity.get, reverse=True)[:max_excluded]:
         excluded.append(group)

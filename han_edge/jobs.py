@@ -34,6 +34,7 @@ from han_edge.fileio import ensure_folder, folder_lock, write_json
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import layer_groups
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
+from han_edge.qdq_finetune import check_steps
 from han_edge.quantize import export_int8
 
 
@@ -108,18 +109,13 @@ class ExportOptions:
     seed: int = 0
 
 
-MAX_FINETUNE_STEPS = 100_000
-
-
 def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     """Write the FP32 ONNX (+ FP16, + INT8) and report parity and accuracy figures."""
     sizes = (options.calib_size, options.heldout_size)
     if not all(isinstance(n, int) for n in sizes) or sizes[0] < 1 or sizes[1] < 2:
         raise HanEdgeError(f"calib_size must be an integer of at least 1 and heldout_size one of at least 2, not "
                            f"{sizes[0]!r} and {sizes[1]!r}")
-    steps = options.int8_finetune
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_FINETUNE_STEPS:
-        raise HanEdgeError(f"int8_finetune must be a whole number of steps from 0 to {MAX_FINETUNE_STEPS}, not {steps!r}")
+    check_steps(options.int8_finetune)   # before any work, like the sizes
     report_paths = heldout_paths(options.heldout_size)
     analysis_paths = heldout_paths(options.heldout_size, offset=1) if options.int8 else []   # checked before work
     model, config, source = load_torch_model(options.variant, options.checkpoint)
@@ -267,8 +263,8 @@ def run_demo(epochs: int, workdir: Path, batch: int, console, progress_bar) -> l
         task = bar.add_task("INT8", total=None, info="", visible=False)
         exported = export_all(ExportOptions(checkpoint=str(checkpoint), int8=True, int8_target=target,
                                             out_dir=str(workdir)), log=console.print,
-                              progress=lambda d, t, info="sensitivity: layer groups": bar.update(
-                                  task, completed=d, total=t, visible=True, info=info))
+                              progress=lambda d, t, what: bar.update(task, completed=d, total=t, visible=True,
+                                                                     info=what))
     models = {"PyTorch FP32": checkpoint, "ONNX FP32": Path(exported["fp32"]), f"ONNX INT8 ({target})":
               Path(exported["int8"]["path"])}
     if has_gpu:

@@ -165,6 +165,15 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
     return _QDQGraph()
 
 
+MAX_STEPS = 100_000
+
+
+def check_steps(steps) -> None:
+    """``steps`` of fine-tuning as an option: a whole number from 0 (no fine-tune) to ``MAX_STEPS``."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
+        raise HanEdgeError(f"int8_finetune must be a whole number of steps from 0 to {MAX_STEPS}, not {steps!r}")
+
+
 @dataclass
 class FinetuneResult:
     steps: int
@@ -194,7 +203,7 @@ def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldou
     train = np.concatenate([images, images[..., ::-1]])
     targets = np.concatenate([teacher(images), teacher(np.ascontiguousarray(images[..., ::-1]))])
 
-    def own_distance(_model) -> float:
+    def own_distance(_model) -> float:   # the module's current state is the model judged (before, then after)
         with torch.no_grad():
             return float(sum(((graph(torch.from_numpy(heldout[i:i + 64])) - torch.from_numpy(heldout_reference[i:i + 64]))
                               ** 2).sum() for i in range(0, len(heldout), 64)) / len(heldout))

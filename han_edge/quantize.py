@@ -154,7 +154,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     the analysis. The report's accuracy is measured on ``report_batch`` (crops the analysis did not
     see; default ``heldout_batch``). In the TensorRT flavour excluded groups run in FP16, not FP32;
     op types stay FP32 only where ``han_edge.half``'s FP16 sensitivity analysis shows FP16 costs
-    more than ``FP16_TOLERANCE`` (named in the metadata). ``progress(done, total[, what])`` follows the
+    more than ``FP16_TOLERANCE`` (named in the metadata). ``progress(done, total, what)`` follows the
     analysis (layer groups) and the fine-tune (steps).
     """
     import onnx

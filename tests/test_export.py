@@ -279,7 +279,10 @@ def test_sensitivity_analysis_stops_only_when_neighbours_agree_too():
         cosine = 1 - sum(v for g, v in cost.items() if g not in excluded)
         return cosine, 0.9 + 0.02 * len(excluded)                # agreement >= 0.95 from 3 exclusions
 
-    sensitivity, excluded = choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=4)
+    seen = []
+    sensitivity, excluded = choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=4,
+                                              progress=lambda *args: seen.append(args))
+    assert seen == [(i, 4, "sensitivity: layer groups") for i in range(1, 5)]   # progress(done, total, what)
     assert sensitivity == pytest.approx(cost)
     assert excluded == ["a", "b", "c"]                  # worst cosine first, stopped at 0.96 agreement
     assert choose_exclusions(score, list(cost), (0.99, 0.95), max_excluded=2)[1] == ["a", "b"]   # the cap holds

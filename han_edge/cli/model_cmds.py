@@ -48,8 +48,8 @@ def export(
     with progress_bar() as bar:
         task = bar.add_task("INT8", total=None, info="", visible=False)
 
-        def progress(done, total, info="sensitivity: layer groups"):
-            bar.update(task, completed=done, total=total, visible=True, info=info)
+        def progress(done, total, what):
+            bar.update(task, completed=done, total=total, visible=True, info=what)
         result = export_all(options, log=console.print, progress=progress)
     if fold_normalization:
         from han_edge.fold import fold_export
