@@ -1,19 +1,25 @@
-"""Activation range equalization before INT8: every channel entering a depthwise conv gets one range.
+"""Activation range equalization before INT8: the channels entering a convolution get closer ranges.
 
-HAN's units are ``1x1 conv -> BN -> ReLU -> 3x3 depthwise conv`` (BN folded into the convs in the
-ONNX). Activations are quantised per tensor, so a channel whose ReLU output peaks at 0.5 where
-another peaks at 17 keeps a handful of the 256 levels. Scaling output channel ``c`` of the 1x1
-conv (weights and bias) by ``s_c = max_range / range_c`` and the depthwise conv's channel ``c`` by
-``1 / s_c`` leaves the function unchanged (ReLU is positively homogeneous, the depthwise conv reads
-channel ``c`` alone) and gives every channel the tensor's range. The depthwise weights are quantised
-per channel, so the ``1 / s_c`` costs them nothing. This is the activation side of cross-layer
-equalization (Nagel et al., "Data-Free Quantization", 2019), with ranges measured on the
-calibration images; ONNX Runtime's quantiser has no such pass (its SmoothQuant covers MatMul/Gemm).
+HAN's units are ``1x1 conv -> BN -> ReLU -> 3x3 depthwise conv -> BN -> ReLU`` (BN folded into the
+convs in the ONNX), and units follow each other. Activations are quantised per tensor, so a channel
+whose ReLU output peaks at 0.5 where another peaks at 17 keeps a handful of the 256 levels.
+Scaling output channel ``c`` of a conv (weights and bias) by ``s_c`` and the next conv's input
+channel ``c`` by ``1 / s_c`` leaves the function unchanged (ReLU is positively homogeneous), so:
 
-On the demo's HAN-S (CPU flavour, the synthetic test set's 534 crops, one run each, scales not yet
-capped), centred cosine 0.9981 -> 0.9983 and nearest-neighbour agreement 0.951 -> 0.974; that sample
-flattered the agreement (see ``int8_layers.agreement_floor`` and ``bench/RESULTS.md`` for figures on
-the held-out people, ``data.heldout_crops``).
+* before a **depthwise** conv, ``s_c = max_range / range_c`` gives every channel the tensor's range;
+  the depthwise conv reads channel ``c`` alone and its weights are quantised per channel, so the
+  ``1 / s_c`` costs them nothing;
+* before a **regular** conv (a depthwise conv feeding the next unit's 1x1), the ``1 / s_c`` shrinks
+  a column of weights that are quantised per *output* channel, adding weight rounding where the
+  activation rounding is taken away; ``s_c = (max_range / range_c) ** MIGRATION`` splits the
+  difficulty between the two (SmoothQuant's migration strength, Xiao et al. 2023).
+
+This is the activation side of cross-layer equalization (Nagel et al., "Data-Free Quantization",
+2019), with ranges measured on the calibration images; ONNX Runtime's quantiser has no such pass
+(its SmoothQuant covers MatMul/Gemm). On the demo's trained HAN-S (512 held-out crops' squared
+feature distance to FP32, calibration only, heads float), adding the regular convs' inputs took the
+CPU flavour from 0.0052 to 0.0048 and the TensorRT flavour from 0.0103 to 0.0092; migration
+strength 1.0 (full equalisation) made the CPU flavour worse (0.0059), 0.25 was as good as 0.5.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import numpy as np
 from han_edge.onnx_io import INPUT, ort_session
 
 MAX_SCALE = 64.0   # a channel all but dead on the calibration images is not blown up beyond this
+MIGRATION = 0.5    # share of a regular conv input's range difference moved into its weights
 
 
-def depthwise_pairs(model) -> list[tuple]:
-    """(conv, relu, depthwise conv) chains whose intermediate tensors have no other reader."""
-    from onnx import helper, numpy_helper
+def relu_pairs(model) -> list[tuple]:
+    """(conv, relu, conv) chains whose intermediate tensors have no other reader, weights initializers."""
+    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -42,11 +49,17 @@ def depthwise_pairs(model) -> list[tuple]:
         weights = [w for w in (*conv.input[1:3], nxt[0].input[1]) if w]
         if len(readers.get(conv.output[0], [])) != 1 or any(w not in inits for w in weights):
             continue   # the conv's output read elsewhere too would not keep its function
-        group = next((helper.get_attribute_value(a) for a in nxt[0].attribute if a.name == "group"), 1)
+        group = _group(nxt[0])
         channels = numpy_helper.to_array(inits[conv.input[1]]).shape[0]
-        if group > 1 and group == channels == numpy_helper.to_array(inits[nxt[0].input[1]]).shape[0]:
-            pairs.append((conv, relu, nxt[0]))
+        if group == 1 or group == channels == numpy_helper.to_array(inits[nxt[0].input[1]]).shape[0]:
+            pairs.append((conv, relu, nxt[0]))   # grouped convs other than depthwise: not in HAN, left alone
     return pairs
+
+
+def _group(node) -> int:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
 
 
 def channel_peaks(model, tensors: list[str], batch: np.ndarray, chunk: int = 32) -> dict[str, np.ndarray]:
@@ -66,14 +79,14 @@ def channel_peaks(model, tensors: list[str], batch: np.ndarray, chunk: int = 32)
     return peaks
 
 
-def equalize_depthwise_inputs(model, calib_batch: np.ndarray):
-    """A copy of ``model`` with the activations entering each depthwise conv equalised; (model, pairs)."""
+def equalize_conv_inputs(model, calib_batch: np.ndarray):
+    """A copy of ``model`` with the activations between conv -> ReLU -> conv equalised; (model, pairs)."""
     import onnx
     from onnx import numpy_helper
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    pairs = depthwise_pairs(out)
+    pairs = relu_pairs(out)
     if not pairs:
         return out, 0
     peaks = channel_peaks(out, [relu.output[0] for _, relu, _ in pairs], calib_batch)
@@ -84,21 +97,23 @@ def equalize_depthwise_inputs(model, calib_batch: np.ndarray):
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
 
-    def rescale(node, index: int, factor: np.ndarray) -> None:
+    def rescale(node, index: int, factor: np.ndarray, axis: int = 0) -> None:
         name = node.input[index]
         array = numpy_helper.to_array(inits[name])
         if readers[name] > 1:   # shared (onnxsim merges equal constants, e.g. zero biases): scale a copy
             readers[name] -= 1
             name = node.input[index] = f"{name}/equalized/{node.name}"
             inits[name] = out.graph.initializer.add()
-        shaped = factor.reshape((-1,) + (1,) * (array.ndim - 1))
+        shaped = factor.reshape((1,) * axis + (-1,) + (1,) * (array.ndim - 1 - axis))
         inits[name].CopyFrom(numpy_helper.from_array((array * shaped).astype(array.dtype), name))
 
-    for conv, relu, depthwise in pairs:
+    for conv, relu, nxt in pairs:
         peak = peaks[relu.output[0]]
-        scale = np.clip(peak.max() / np.maximum(peak, 1e-12), 1.0, MAX_SCALE).astype(np.float32)
+        depthwise = _group(nxt) > 1
+        scale = np.clip(peak.max() / np.maximum(peak, 1e-12), 1.0, MAX_SCALE) ** (1.0 if depthwise else MIGRATION)
+        scale = scale.astype(np.float32)
         rescale(conv, 1, scale)
         if len(conv.input) > 2 and conv.input[2]:
             rescale(conv, 2, scale)
-        rescale(depthwise, 1, 1.0 / scale)
+        rescale(nxt, 1, 1.0 / scale, axis=0 if depthwise else 1)   # depthwise: [C, 1, k, k]; regular: [O, C, k, k]
     return out, len(pairs)

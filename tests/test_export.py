@@ -11,7 +11,7 @@ from han_edge.evaluate import centred_cosine, cosine_rows
 from han_edge.exporter import load_batch, ort_optimized_op_counts
 from han_edge.formats import ARTEFACTS
 from han_edge.half import float32_tensors
-from han_edge.int8_layers import choose_exclusions, layer_groups, sampling_grid_nodes
+from han_edge.int8_layers import choose_exclusions, embedding_heads, layer_groups, sampling_grid_nodes
 from han_edge.jobs import (
     ExportOptions,
     calibration_paths,
@@ -100,10 +100,14 @@ def test_fp16_model(exported, heldout):
     assert centred_cosine(ref, got) >= 0.999
 
 
-def _assert_sampling_grid_float(model, fp32_model):
-    """The hard attention's transform regression and grid arithmetic: float weights, no Q on their outputs."""
+def _assert_float_parts(model, fp32_model):
+    """The hard attention's transform regression and grid arithmetic, and the embedding heads: float
+    weights, no Q on their outputs."""
     grid = sampling_grid_nodes(fp32_model)
     assert sum(name.endswith("Gemm") for name in grid) == 3 and any(name.endswith("Add") for name in grid)
+    heads = embedding_heads(fp32_model)
+    assert sum(name.endswith("Gemm") for name in heads) == 2 and not set(heads) & set(grid)
+    grid = grid + heads
     nodes = {n.name: n for n in model.graph.node}
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     consumers = {i: n.op_type for n in model.graph.node for i in n.input}
@@ -158,7 +162,7 @@ def test_int8_tensorrt_flavour_is_int8_plus_fp16(exported):
     assert all(consumers.get(c.output[0]) != "QuantizeLinear" for c in convs)
     for node in (n for n in model.graph.node if n.op_type == "GridSample"):
         assert getattr(producers.get(node.input[1]), "op_type", None) not in ("DequantizeLinear", "QuantizeLinear")
-    _assert_sampling_grid_float(model, load_onnx(out / "han_small.onnx"))
+    _assert_float_parts(model, load_onnx(out / "han_small.onnx"))
 
 
 @pytest.mark.slow
@@ -205,10 +209,11 @@ def test_int8_cpu_flavour_runs_integer_kernels(exported, cpu_exported):
     counts = ort_optimized_op_counts(path)
     assert counts.get("QLinearConv", 0) == fp32_convs
     assert counts.get("Conv", 0) == counts.get("FusedConv", 0) == 0
-    # 2 of 5 Gemms integer: the 3 hard-attention transform regressors stay float, like the grid they feed
-    assert counts.get("QGemm", 0) == 2 and counts.get("Gemm", 0) + counts.get("FusedGemm", 0) == 3
+    # no Gemm integer: the 3 hard-attention transform regressors stay float like the grid they feed, and
+    # the 2 embedding heads (int8_layers.embedding_heads)
+    assert counts.get("QGemm", 0) == 0 and counts.get("Gemm", 0) + counts.get("FusedGemm", 0) == 5
     assert counts.get("QLinearAdd", 0) == 2                # the local stream's residual sums, not the grid's Add
-    _assert_sampling_grid_float(load_onnx(path), load_onnx(out / "han_small.onnx"))
+    _assert_float_parts(load_onnx(path), load_onnx(out / "han_small.onnx"))
     assert report.ort_ops["QLinearConv"] == fp32_convs and report.ort_ops["QLinearAdd"] == 2
     # and the FP32 file itself runs float convolutions (the counter is not vacuous)
     assert ort_optimized_op_counts(out / "han_small.onnx").get("QLinearConv", 0) == 0
@@ -224,7 +229,8 @@ def test_int8_cpu_flavour_and_exclusions_and_cache(exported, tmp_path):
     calib = load_batch(calibration_paths(None, 64), config)
     held = load_batch(heldout_paths(64), config)
     groups = layer_groups(load_onnx(out / "han_small.onnx"))
-    assert {"stem", "blocks.0:dw", "local_units.2:pw", "attention.1", "global_fc"} <= set(groups)
+    assert {"stem", "blocks.0:dw", "local_units.2:pw", "attention.1"} <= set(groups)
+    assert not {"global_fc", "local_fc"} & set(groups)                                # the heads stay float
     path = tmp_path / "han_small.int8-cpu.onnx"
     report = export_int8(out / "han_small.onnx", path, calib, held, flavour="cpu", exclude=["local_units.0:dw"])
     model = load_onnx(path)
