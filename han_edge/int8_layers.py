@@ -73,6 +73,18 @@ def _groups(model) -> dict[str, list[str]]:
     return groups
 
 
+def check_exclusions(model, names: list[str]) -> dict[str, list[str]]:
+    """``layer_groups(model)``, after checking that ``names`` (``--int8-exclude``) are among them."""
+    from han_edge.errors import HanEdgeError
+
+    groups = layer_groups(model)
+    unknown = sorted(set(names) - set(groups))
+    if unknown:
+        raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)} (the "
+                           "embedding heads and the sampling grid are never quantised)")
+    return groups
+
+
 def choose_exclusions(score, groups: list[str], targets: tuple[float, float], max_excluded: int,
                       progress=None) -> tuple[dict[str, float], list[str]]:
     """Sensitivity analysis: quantise each group alone, then keep the worst out of INT8 until ``targets``.

@@ -32,7 +32,7 @@ from han_edge.exporter import (
 )
 from han_edge.fileio import ensure_folder, folder_lock, write_json
 from han_edge.formats import artefact_path
-from han_edge.int8_layers import layer_groups
+from han_edge.int8_layers import check_exclusions
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
 from han_edge.qdq_finetune import check_steps
 from han_edge.quantize import export_int8
@@ -130,10 +130,8 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
         with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
             staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
             result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}
-            groups = layer_groups(load_onnx(staged)) if options.int8 and options.int8_exclude else {}
-            unknown = sorted(set(options.int8_exclude) - set(groups)) if groups else []
-            if unknown:
-                raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
+            if options.int8 and options.int8_exclude:
+                check_exclusions(load_onnx(staged), options.int8_exclude)
             os.replace(staged, fp32_path)
         log(f"wrote {fp32_path}: parity vs PyTorch cosine_min={result['parity']['cosine_min']:.7f} "
             f"max_abs_diff={result['parity']['max_abs_diff']:.2e}")

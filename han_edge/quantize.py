@@ -39,9 +39,9 @@ from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.int8_layers import (
     agreement_floor,
+    check_exclusions,
     choose_exclusions,
     embedding_heads,
-    layer_groups,
     sampling_grid_nodes,
 )
 from han_edge.onnx_io import (
@@ -173,11 +173,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     fp32_model = load_onnx(fp32_path)
     meta = onnx_metadata(fp32_model)
     config, _ = config_from_metadata(meta, str(fp32_path))
-    groups = layer_groups(fp32_model)
-    if exclude is not None:
-        unknown = sorted(set(exclude) - set(groups))
-        if unknown:
-            raise HanEdgeError(f"--int8-exclude names unknown layer groups {unknown}; known: {', '.join(groups)}")
+    groups = check_exclusions(fp32_model, exclude or [])
     cache = path.with_name(path.name.removesuffix(".onnx") + ".calib.json")
     key_file = cache.with_suffix(".key")
     equalized, equalized_pairs = equalize_conv_inputs(fp32_model, calib_batch)

@@ -144,6 +144,8 @@ def test_export_problems_found_late_keep_the_previous_model(tmp_path):
     (tmp_path / "junk" / "a.jpg").write_bytes(b"not a jpeg")
     refused(["export", "--int8", "--no-engine", "--int8-exclude", "stem, bogus", "--out", out],
             r"unknown layer groups \['bogus'\]")
+    refused(["export", "--int8", "--no-engine", "--int8-exclude", "global_fc", "--out", out],   # always float
+            r"unknown layer groups \['global_fc'\].*embedding heads .* are never quantised")
     refused(["export", "--int8", "--no-engine", "--calib", tmp_path / "junk", "--out", out], "cannot read image")
     assert (out / "han_small.onnx").read_bytes() == b"the user's previous export"
     assert sorted(p.name for p in out.iterdir()) == [".han-edge.lock", "han_small.onnx"]   # no staging folder left
