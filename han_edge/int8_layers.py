@@ -31,10 +31,11 @@ def embedding_heads(model) -> list[str]:
     """The embedding heads' nodes (each Gemm outside the sampling grid and the ReLU after it): kept float.
 
     They are under 0.1% of HAN-S's multiply-adds, but their 8-bit inputs (the pooled maps) and outputs
-    (the embedding itself) carried a fifth of the INT8 error: on the demo's trained HAN-S, keeping
-    both in float took the held-out squared feature distance to FP32 from 0.0069 to 0.0052 (CPU
-    flavour) and from 0.0116 to 0.0103 (TensorRT flavour), calibration only, at no measurable cost
-    in speed (README, Measurements).
+    (the embedding itself) carried about a quarter of the INT8 error: on the demo's trained HAN-S,
+    keeping both in float took the held-out squared feature distance to FP32 from 0.0069 to 0.0052
+    (CPU flavour) and from 0.0116 to 0.0103 (TensorRT flavour), calibration only. ONNX Runtime CPU:
+    the same speed at batch 32, 3-5% less at batch 1, where their 4 MB of float weights are read for
+    every image (README, Measurements).
     """
     ops = {n.name: n.op_type for n in model.graph.node}
     return [name for nodes in _groups(model).values() if any(ops[n] == "Gemm" for n in nodes) for name in nodes]

@@ -19,7 +19,7 @@ In both, the hard attention's sampling grid (``sampling_grid_nodes``: the regres
 transform, its Tanh and the grid arithmetic) stays in float: it is a few hundred FLOPs per image,
 and 8-bit sampling positions move every regional crop (quantising the grid's Add into ``QLinearAdd``
 cost centred cosine and ran slower). The embedding heads (``embedding_heads``) stay in float too:
-under 0.1% of the multiply-adds, a fifth of the INT8 error.
+under 0.1% of the multiply-adds, about a quarter of the INT8 error.
 """
 from __future__ import annotations
 
