@@ -37,8 +37,7 @@ def embedding_heads(model) -> list[str]:
     the same speed at batch 32, 3-5% less at batch 1, where their 4 MB of float weights are read for
     every image (README, Measurements).
     """
-    ops = {n.name: n.op_type for n in model.graph.node}
-    return [name for nodes in _groups(model).values() if any(ops[n] == "Gemm" for n in nodes) for name in nodes]
+    return [name for nodes in _groups(model)[1].values() for name in nodes]
 
 
 def layer_groups(model) -> dict[str, list[str]]:
@@ -50,11 +49,11 @@ def layer_groups(model) -> dict[str, list[str]]:
     sampling grid (``sampling_grid_nodes``) and the embedding heads (``embedding_heads``) are never
     quantised and belong to no group.
     """
-    heads = set(embedding_heads(model))
-    return {part: nodes for part, nodes in _groups(model).items() if not heads & set(nodes)}
+    return _groups(model)[0]
 
 
-def _groups(model) -> dict[str, list[str]]:
+def _groups(model) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(layer groups, embedding-head groups): a group holding a Gemm is a head (the grid's are in none)."""
     groups: dict[str, list[str]] = {}
     group_of: dict[str, str] = {}   # tensor -> group of its producer
     grid = set(sampling_grid_nodes(model))
@@ -71,7 +70,9 @@ def _groups(model) -> dict[str, list[str]]:
         groups.setdefault(part, []).append(node.name)
         for out in node.output:
             group_of[out] = part
-    return groups
+    ops = {n.name: n.op_type for n in model.graph.node}
+    heads = {part: nodes for part, nodes in groups.items() if any(ops[n] == "Gemm" for n in nodes)}
+    return {part: nodes for part, nodes in groups.items() if part not in heads}, heads
 
 
 def check_exclusions(model, names: list[str]) -> dict[str, list[str]]:
