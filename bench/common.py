@@ -5,7 +5,8 @@ import time
 from pathlib import Path
 
 from han_edge.bench import machine_description
-from han_edge.fileio import ensure_folder, write_json
+from han_edge.fileio import write_json
+from han_edge.paths import ensure_folder
 
 RESULTS = Path(__file__).parent / "results"
 

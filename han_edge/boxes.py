@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import require_file
+from han_edge.paths import require_file
 from han_edge.validate import _describe, _host, _is_array, _names, _real, reason
 
 MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_path, require_file
+from han_edge.fileio import atomic_path
+from han_edge.paths import require_file
 from han_edge.validate import PYTHON_OBJECTS, reason
 
 FORMAT = "han-edge-checkpoint"
@@ -23,7 +24,7 @@ def save_checkpoint(path: str | Path, model, config: HANConfig, **state) -> None
     """
     import torch
 
-    from han_edge.fileio import ensure_folder
+    from han_edge.paths import ensure_folder
 
     path = Path(path)
     if not path.parent.exists():

@@ -33,7 +33,8 @@ import numpy as np
 
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_write_bytes, ensure_folder
+from han_edge.fileio import atomic_write_bytes
+from han_edge.paths import ensure_folder
 from han_edge.validate import INT32_MAX
 
 DEEPSTREAM_VERSION = "9.2"

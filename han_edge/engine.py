@@ -156,7 +156,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                  report=None) -> Path:
     """Compile an exported ONNX into a serialized engine plus its metadata side file."""
     from han_edge.cuda import device_description
-    from han_edge.fileio import atomic_write_bytes, check_destination, write_json
+    from han_edge.fileio import atomic_write_bytes, write_json
+    from han_edge.paths import check_destination
     from han_edge.onnx_io import INPUT, load_onnx, onnx_metadata
 
     options = options or BuildOptions()

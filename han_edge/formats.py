@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import require_file
+from han_edge.paths import require_file
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import require_file
+from han_edge.paths import require_file
 from han_edge.indexes import Entries, VectorIndex
 from han_edge.validate import COSINE_MIN_NORM
 

@@ -30,7 +30,8 @@ from han_edge.exporter import (
     parity,
     torch_features,
 )
-from han_edge.fileio import ensure_folder, folder_lock, write_json
+from han_edge.fileio import write_json
+from han_edge.paths import ensure_folder, folder_lock
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import check_exclusions
 from han_edge.onnx_io import load_onnx, ort_session, run_ort

@@ -11,7 +11,8 @@ import numpy as np
 
 from han_edge.config import FOLDED, HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError, MissingDependencyError
-from han_edge.fileio import atomic_path, require_file
+from han_edge.fileio import atomic_path
+from han_edge.paths import require_file
 
 INPUT, OUTPUT = "images", "features"
 FOLD_SCALE = "han_edge_fold/scale"   # the initializer `han-edge fold` adds (fold.py)

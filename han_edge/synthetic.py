@@ -136,7 +136,7 @@ def generate(root: str | Path, seed: int = 0, train_ids: int = 100, test_ids: in
 
     The marker ``synthetic.json`` is written last and atomically: a set without it is incomplete.
     """
-    from han_edge.fileio import ensure_folder
+    from han_edge.paths import ensure_folder
 
     if not 1 <= first_id <= 10_000 - train_ids - test_ids:   # checked before anything is written
         raise HanEdgeError(f"synthetic identities {first_id}..{first_id + train_ids + test_ids - 1} do not fit "

@@ -129,7 +129,7 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
     (or non-finite weights at the end of an epoch) stops training with one sentence naming the epoch
     and step; the checkpoint already at ``out`` is never overwritten with such weights.
     """
-    from han_edge.fileio import check_destination, ensure_folder
+    from han_edge.paths import check_destination, ensure_folder
 
     options = (options or TrainOptions()).check()
     out = Path(out)

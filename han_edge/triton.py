@@ -22,7 +22,8 @@ from pathlib import Path
 
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_write_bytes, ensure_folder
+from han_edge.fileio import atomic_write_bytes
+from han_edge.paths import ensure_folder
 from han_edge.validate import INT64_MAX
 
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32",

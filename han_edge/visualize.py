@@ -28,7 +28,8 @@ def attention_figure(checkpoint: str | Path, image_path: str | Path, out: str | 
     import torch
 
     from han_edge.checkpoint import model_from_checkpoint
-    from han_edge.fileio import atomic_write_bytes, check_destination, ensure_folder
+    from han_edge.fileio import atomic_write_bytes
+    from han_edge.paths import check_destination, ensure_folder
 
     out = Path(out)
     if out.suffix.lower() != ".png":

@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from han_edge import fileio
+from han_edge import fileio, paths
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_path, atomic_write_bytes, check_destination, ensure_folder, write_json
+from han_edge.fileio import atomic_path, atomic_write_bytes, write_json
+from han_edge.paths import check_destination, ensure_folder
 
 
 def one_sentence(message: str) -> bool:
@@ -69,9 +70,9 @@ def test_read_only_folder_and_file(tmp_path, monkeypatch):
     # the tests run as root, where chmod does not deny: simulate what access(2) says for a read-only mount
     target = tmp_path / "r.json"
     target.write_text("{}")
-    monkeypatch.setattr(fileio.os, "access", lambda p, mode: Path(p) != tmp_path)
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != tmp_path)
     refused("folder .* is read-only", write_json, target, {"a": 1})
-    monkeypatch.setattr(fileio.os, "access", lambda p, mode: Path(p) != target)
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != target)
     refused("the file is read-only", write_json, target, {"a": 1})
     assert target.read_text() == "{}"
 
@@ -103,7 +104,7 @@ def test_full_disk_midway_through_the_write(tmp_path):
 
 def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     usage = type("Usage", (), {"free": 10, "total": 100, "used": 90})
-    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage)
+    monkeypatch.setattr(paths.shutil, "disk_usage", lambda p: usage)
     refused("needs 1000 bytes and only 10 bytes is free", atomic_write_bytes, tmp_path / "x", b"x" * 1000)
     assert list(tmp_path.iterdir()) == []
 
@@ -114,7 +115,7 @@ def test_library_error_on_a_full_disk_is_a_sentence(tmp_path, monkeypatch):
     with pytest.raises(HanEdgeError, match="no space left"):
         with atomic_path(tmp_path / "c.pt", "checkpoint") as tmp:
             tmp.write_bytes(b"partial")
-            monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage)
+            monkeypatch.setattr(paths.shutil, "disk_usage", lambda p: usage)
             raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     assert temps(tmp_path) == []
 

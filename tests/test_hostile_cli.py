@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from han_edge import fileio
+from han_edge import fileio, paths
 from han_edge.cli import app
 from han_edge.cli.common import HanEdgeGroup
 from han_edge.config import get_config, model_metadata
@@ -149,7 +149,7 @@ def test_export_problems_found_late_keep_the_previous_model(tmp_path):
     refused(["export", "--int8", "--no-engine", "--calib", tmp_path / "junk", "--out", out], "cannot read image")
     assert (out / "han_small.onnx").read_bytes() == b"the user's previous export"
     assert sorted(p.name for p in out.iterdir()) == [".han-edge.lock", "han_small.onnx"]   # no staging folder left
-    from han_edge.fileio import folder_lock
+    from han_edge.paths import folder_lock
 
     with folder_lock(out, "export folder"):   # another export writing there: refused, nothing touched
         refused(["export", "--no-engine", "--out", out], "another han-edge process is writing into export folder")
@@ -179,7 +179,7 @@ def test_output_under_a_file_or_read_only(tmp_path, model_file, monkeypatch):
     refused(["export", "--out", model_file], "exists and is not a folder")
     ro = tmp_path / "ro"
     ro.mkdir()
-    monkeypatch.setattr(fileio.os, "access", lambda p, mode: Path(p) != ro)    # root ignores chmod: simulate
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != ro)    # root ignores chmod: simulate
     refused(["train", "--out", ro / "x.pt"], "folder .*ro is read-only")
     refused(["eval", "--checkpoint", model_file, "--json", ro / "r.json"], "read-only")
 

@@ -16,7 +16,8 @@ import pytest
 
 from han_edge import Embedder, Gallery
 from han_edge.errors import HanEdgeError
-from han_edge.fileio import atomic_write_bytes, check_destination, write_json
+from han_edge.fileio import atomic_write_bytes, write_json
+from han_edge.paths import check_destination
 from tests.test_hostile_inputs import refused
 
 X = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)

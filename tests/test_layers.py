@@ -6,7 +6,7 @@ from pathlib import Path
 import han_edge
 
 PACKAGE = Path(han_edge.__file__).parent
-BOTTOM = ("han_edge._version", "han_edge.errors", "han_edge.fileio", "han_edge.config", "han_edge.onnx_io")   # file I/O and metadata
+BOTTOM = ("han_edge._version", "han_edge.errors", "han_edge.paths", "han_edge.fileio", "han_edge.config", "han_edge.onnx_io")   # file I/O and metadata
 
 
 def import_graph() -> dict[str, set[str]]:

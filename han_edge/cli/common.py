@@ -44,10 +44,10 @@ def fail(message: str, code: int = 2, label: str = "error") -> None:
 
 
 def _os_error(err: OSError) -> str:
-    from han_edge.fileio import _reason
+    from han_edge.paths import os_reason
 
     where = f" {err.filename}" if err.filename else ""
-    return f"cannot use{where}: {_reason(err)}"
+    return f"cannot use{where}: {os_reason(err)}"
 
 
 class HanEdgeGroup(TyperGroup):
@@ -138,7 +138,7 @@ def output_file(what: str):
     def check(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
         if value is None:
             return None
-        from han_edge.fileio import check_destination, ensure_folder
+        from han_edge.paths import check_destination, ensure_folder
 
         try:
             path = Path(value)
@@ -163,7 +163,7 @@ def output_folder(what: str, create: bool = True):
             return None
         import os
 
-        from han_edge.fileio import ensure_folder
+        from han_edge.paths import ensure_folder
 
         try:
             if not create and str(value) and not Path(value).exists():
