@@ -26,7 +26,7 @@ import numpy as np
 
 from han_edge.errors import HanEdgeError
 from han_edge.paths import require_file
-from han_edge.validate import _describe, _host, _is_array, _names, _real, reason
+from han_edge.validate import _describe, _host, _is_array, _names, _real, plain_array, reason
 
 MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading
 _FRAME_KEY = re.compile(r"[0-9]+", re.ASCII)
@@ -34,6 +34,7 @@ _FRAME_KEY = re.compile(r"[0-9]+", re.ASCII)
 
 def boxes_array(obj, what: str = "boxes") -> np.ndarray:
     """``[[x1, y1, x2, y2], ...]`` (sequence or ``(N, 4)`` array) as ``float64 (N, 4)``; see the module policy."""
+    obj = plain_array(obj, what)
     if isinstance(obj, np.ndarray) and obj.dtype.kind in "iuf":
         if obj.size == 0 and obj.ndim in (1, 2) and (obj.ndim == 1 or obj.shape[1] == 4):
             return np.zeros((0, 4), np.float64)
@@ -89,8 +90,6 @@ def boxes_file(path: str | Path) -> dict[str, np.ndarray]:
     """A boxes JSON file ``{"name" or "frame index": [[x1, y1, x2, y2], ...]}`` as key -> ``float64 (N, 4)``."""
     path = Path(path)
     try:
-        if path.is_dir():
-            raise HanEdgeError(f"boxes file {path} is a directory")
         require_file(path, "boxes file")
         size = path.stat().st_size
         if size > MAX_BOXES_FILE:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_path
-from han_edge.paths import require_file
+from han_edge.paths import as_path, require_file
 from han_edge.validate import PYTHON_OBJECTS, reason
 
 FORMAT = "han-edge-checkpoint"
@@ -26,23 +27,39 @@ def save_checkpoint(path: str | Path, model, config: HANConfig, **state) -> None
 
     from han_edge.paths import ensure_folder
 
-    path = Path(path)
+    from han_edge.model import HAN
+
+    path = as_path(path, "checkpoint")
+    if not isinstance(model, HAN) or not isinstance(config, HANConfig):
+        raise HanEdgeError(f"save_checkpoint needs a HAN model and its HANConfig; got {type(model).__name__} and "
+                           f"{type(config).__name__}")
     if not path.parent.exists():
         ensure_folder(path.parent, "checkpoint folder")
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
                "num_classes": model.num_classes, "state_dict": model.state_dict(), **state}
+    refused = HanEdgeError(f"checkpoint {path} not written: the training state given holds Python objects, which "
+                           "load_checkpoint refuses; pass tensors, numbers, strings, lists and dicts")
     with atomic_path(path, "checkpoint") as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            raise refused from None
+        try:   # what cannot be loaded back as data is never written (the previous checkpoint stays)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(tmp, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise refused from None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """The checkpoint dict; ``weights_only=True`` so a checkpoint can never run code."""
     import torch
 
-    path = Path(path)
-    if path.is_dir():
-        raise HanEdgeError(f"checkpoint {path} is a directory, not a file")
+    path = as_path(path, "checkpoint")
     require_file(path, "checkpoint")
+    if not zipfile.is_zipfile(path) and not _starts_with(path, b"\x80"):   # a zip (torch.save) or a pickle (legacy)
+        raise HanEdgeError(f"checkpoint {path} cannot be read as a han-edge checkpoint: it is not a file written by torch.save")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,6 +80,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise HanEdgeError(f"checkpoint {path} holds no weights (state_dict)")
     checkpoint_config(data, path)
     return data
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(magic)) == magic
 
 
 def checkpoint_config(data: dict, path: str | Path) -> HANConfig:

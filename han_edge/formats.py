@@ -5,6 +5,7 @@ Every place that needs to know "what is this file and what runs it" — the runt
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,9 @@ def format_of(source) -> ModelFormat:
         if fmt.is_uri and any(text.startswith(s) for s in fmt.suffixes):
             return fmt
     path = Path(text)
-    if path.is_dir():
-        raise HanEdgeError(f"model {path} is a directory, not a model file")
+    with contextlib.suppress(OSError):   # a name the OS refuses: require_file below says why
+        if path.is_dir():
+            raise HanEdgeError(f"model {path} is a directory, not a model file")
     suffix = path.suffix.lower()
     fmt = next((f for f in FORMATS if not f.is_uri and suffix in f.suffixes), None)
     if fmt is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from han_edge.errors import HanEdgeError
-from han_edge.paths import require_file
+from han_edge.paths import as_path, require_file
 from han_edge.indexes import Entries, VectorIndex
 from han_edge.validate import COSINE_MIN_NORM
 
@@ -182,7 +182,7 @@ class Gallery:
         """Versioned .npz, written atomically: a crash or a full disk keeps the old file."""
         from han_edge.fileio import atomic_write_bytes
 
-        path = _path(path)
+        path = as_path(path, "gallery file")
         e = self.entries()
         buffer = io.BytesIO()
         np.savez(buffer, format_version=np.int64(FORMAT_VERSION), dim=np.int64(self.dim),
@@ -194,11 +194,9 @@ class Gallery:
         """A saved gallery; refuses a corrupt file or one of another dimension with a clear error."""
         from han_edge.validate import MAX_FEATURE_DIM, feature_dim
 
-        path = _path(path)
+        path = as_path(path, "gallery file")
         if dim is not None:
             dim = feature_dim(dim)
-        if path.is_dir():
-            raise HanEdgeError(f"gallery file {path} is a directory")
         require_file(path, "gallery file")
         try:
             with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:   # closed on any error
@@ -239,6 +237,9 @@ def _scalar(data, key: str, kinds: str):
     return value[()]
 
 
+_ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+
+
 def _check_claims(data, path: Path) -> None:
     """Refuse a member whose .npy header claims more bytes than the member holds, before NumPy allocates them."""
     from numpy.lib import format as npy
@@ -254,9 +255,11 @@ def _check_claims(data, path: Path) -> None:
                 raise ValueError(f"{key}: unknown .npy version")
             shape, _, dtype = read_header(member)
             # the zip's own sizes are claims too: bounded by the archive's size (deflate expands at most 1032:1)
-            held, ratio = info.file_size, {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}.get(info.compress_type)
-            if ratio:
-                held = min(held, min(info.compress_size, archive) * ratio)
+            ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1032}.get(info.compress_type)
+            if ratio is None:   # bzip2, LZMA: no bound on what a member expands to, and np.savez writes neither
+                raise HanEdgeError(f"gallery file {path} is not a han-edge gallery: its {key} is compressed with a "
+                                   f"method han-edge never writes ({_ZIP_METHODS.get(info.compress_type, info.compress_type)})")
+            held = min(info.file_size, min(info.compress_size, archive) * ratio)
             claimed = math.prod(shape) * dtype.itemsize
             if claimed > held - member.tell():
                 raise HanEdgeError(f"gallery file {path} is corrupt or not a han-edge gallery: its {key} claim "
@@ -268,11 +271,3 @@ def _size(n: int) -> str:
         if n >= 1 << power:
             return f"{n / (1 << power):.1f} {unit}"
     return f"{n} bytes"
-
-
-def _path(path) -> Path:
-    import os
-
-    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes) or not str(path):
-        raise HanEdgeError(f"a gallery file name must be a non-empty str or Path; got {path!r:.40}")
-    return Path(path)

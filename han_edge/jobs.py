@@ -31,10 +31,10 @@ from han_edge.exporter import (
     torch_features,
 )
 from han_edge.fileio import write_json
-from han_edge.paths import ensure_folder, folder_lock
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import check_exclusions
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
+from han_edge.paths import ensure_folder, folder_lock
 from han_edge.qdq_finetune import check_steps
 from han_edge.quantize import export_int8
 
@@ -109,14 +109,31 @@ class ExportOptions:
     out_dir: str = "export"
     seed: int = 0
 
+    def check(self) -> "ExportOptions":
+        """Self, or one sentence naming the first option of the wrong kind or out of range (before any work)."""
+        def kind(names, types, text, ok=lambda v: True):
+            types = types if isinstance(types, tuple) else (types,)
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or not ok(value):
+                    raise HanEdgeError(f"export option {name} must be {text}; got {value!r:.60}")
+        kind(("variant", "int8_target", "calibration"), str, "a string")
+        kind(("checkpoint", "calib_dir"), (str, os.PathLike, type(None)), "a path or None", lambda v: v is None or str(v))
+        kind(("out_dir",), (str, os.PathLike), "a path", lambda v: bool(str(v)))
+        kind(("fp16", "int8"), bool, "True or False")
+        kind(("int8_exclude",), (list, tuple, type(None)), "a list of layer-group names or None",
+             lambda v: v is None or all(isinstance(g, str) for g in v))
+        kind(("int8_min_agreement",), (int, float), "a number from 0 to 1", lambda v: 0 <= v <= 1)
+        kind(("seed",), int, "a whole number >= 0", lambda v: v >= 0)
+        kind(("calib_size",), int, "a whole number of at least 1", lambda v: v >= 1)
+        kind(("heldout_size",), int, "a whole number of at least 2", lambda v: v >= 2)
+        check_steps(self.int8_finetune)
+        return self
+
 
 def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     """Write the FP32 ONNX (+ FP16, + INT8) and report parity and accuracy figures."""
-    sizes = (options.calib_size, options.heldout_size)
-    if not all(isinstance(n, int) for n in sizes) or sizes[0] < 1 or sizes[1] < 2:
-        raise HanEdgeError(f"calib_size must be an integer of at least 1 and heldout_size one of at least 2, not "
-                           f"{sizes[0]!r} and {sizes[1]!r}")
-    check_steps(options.int8_finetune)   # before any work, like the sizes
+    options.check()
     report_paths = heldout_paths(options.heldout_size)
     analysis_paths = heldout_paths(options.heldout_size, offset=1) if options.int8 else []   # checked before work
     model, config, source = load_torch_model(options.variant, options.checkpoint)

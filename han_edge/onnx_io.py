@@ -29,8 +29,6 @@ def _onnx():
 def load_onnx(path: str | Path):
     onnx = _onnx()
     path = Path(path)
-    if path.is_dir():
-        raise HanEdgeError(f"{path} is a directory, not an ONNX file")
     require_file(path, "ONNX file")
     try:
         model = onnx.load(str(path))

@@ -41,29 +41,69 @@ def check_destination(path: str | Path, what: str = "output", size: int | None =
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str = "folder"):
-    """Hold ``folder/.han-edge.lock`` for one writer at a time (POSIX ``flock``; nothing where it is missing)."""
+    """Hold ``folder/.han-edge.lock`` for one writer at a time (POSIX ``flock``; nothing where it is missing).
+
+    The lock file is opened without following a link and without blocking (a FIFO put there would
+    hang ``open``); anything there but a regular file is one sentence.
+    """
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(Path(folder) / ".han-edge.lock", "a") as handle:
+    lock = Path(folder) / ".han-edge.lock"
+    not_a_file = f"the lock file {lock} of {what} {folder} is not a regular file; remove it"
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.lstat(lock).st_mode):      # a link, folder, FIFO, ...
+            raise HanEdgeError(not_a_file)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(lock, flags, 0o666)
+    except OSError as err:
+        raise HanEdgeError(f"cannot open the lock file {lock} of {what} {folder}: {os_reason(err)}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):      # swapped in since the check above
+            raise HanEdgeError(not_a_file)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise HanEdgeError(f"another han-edge process is writing into {what} {folder}; wait for it or use "
                                "another folder") from None
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def as_path(value, what: str) -> Path:
+    """A file name given to the API (``str`` or ``os.PathLike``, not empty, not bytes) as a ``Path``."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes) or not os.fspath(value):
+        raise HanEdgeError(f"a {what} name must be a non-empty str or Path; got {value!r:.40}")
+    return Path(value)
+
+
+def shown_path(path, limit: int = 160) -> str:
+    """``path`` for a message: a name over ``limit`` characters keeps its start and end (``...`` between)."""
+    text = os.fspath(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
 
 
 def require_file(path: Path, what: str) -> None:
-    """``what path`` must be an existing regular file: missing, or a pipe/device/socket, is one sentence."""
-    if not path.is_file():
-        raise HanEdgeError(f"{what} {path} is not a regular file" if path.exists() and not path.is_dir()
-                           else f"{what} {path} not found")
+    """``what path`` must be an existing regular file; a folder, a pipe/device/socket, a missing file or a
+    name the OS refuses (too long, a loop of links) is one sentence (``Path.is_file`` raises on some)."""
+    shown = shown_path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise HanEdgeError(f"{what} {shown} not found") from None
+    except OSError as err:
+        raise HanEdgeError(f"cannot read {what} {shown}: {os_reason(err)}") from None
+    if stat.S_ISDIR(mode):
+        raise HanEdgeError(f"{what} {shown} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        raise HanEdgeError(f"{what} {shown} is not a regular file")
 
 
 def write_target(path: Path) -> Path:

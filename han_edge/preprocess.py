@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from han_edge.errors import HanEdgeError
+from han_edge.validate import image_size
 
 
 def check_frame(frame) -> None:
@@ -25,6 +26,7 @@ def check_frame(frame) -> None:
         raise HanEdgeError(f"frame must be uint8 (as read by OpenCV), got dtype {frame.dtype}")
     if shape[0] < 1 or shape[1] < 1:
         raise HanEdgeError(f"frame is empty: shape {tuple(shape)}")
+    image_size(shape)
 
 
 def clip_boxes(boxes, frame_hw: tuple[int, int], what: str = "boxes") -> np.ndarray:

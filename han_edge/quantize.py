@@ -54,7 +54,8 @@ from han_edge.onnx_io import (
     set_metadata,
 )
 from han_edge.ort_quantize import CALIBRATION_METHODS, quantize
-from han_edge.qdq_finetune import finetune_qdq
+from han_edge.qdq_finetune import check_steps, finetune_qdq
+from han_edge.validate import finite, real_number, reason
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,18 @@ def _key_line(key: str, cache: bytes) -> bytes:
     return f"{key} {hashlib.sha256(cache).hexdigest()[:32]}".encode()
 
 
+def _check_batch(batch, input_size: tuple[int, int], what: str, least: int) -> None:
+    """``batch`` must be the model's pre-processed input: float32 ``(N, 3, H, W)``, N >= ``least``, finite."""
+    shape = (3, *input_size)
+    if not isinstance(batch, np.ndarray) or batch.dtype != np.float32 or batch.ndim != 4 or batch.shape[1:] != shape:
+        got = f"{batch.dtype} {batch.shape}" if isinstance(batch, np.ndarray) else type(batch).__name__
+        raise HanEdgeError(f"{what} must be a float32 (N, {', '.join(map(str, shape))}) batch as load_batch makes it; "
+                           f"got {got}")
+    if len(batch) < least:
+        raise HanEdgeError(f"{what}: {len(batch)} given, at least {least} needed")
+    finite(batch, what)
+
+
 @dataclass
 class Int8Report:
     flavour: str
@@ -167,12 +180,23 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         raise HanEdgeError(f"unknown INT8 target {flavour!r}; one of {', '.join(INT8_FLAVOURS)}")
     if method not in CALIBRATION_METHODS:
         raise HanEdgeError(f"unknown calibration method {method!r}; one of {', '.join(CALIBRATION_METHODS)}")
-    if len(calib_batch) == 0:
-        raise HanEdgeError("no calibration images")
+    if path.resolve() == fp32_path.resolve():
+        raise HanEdgeError(f"the INT8 model would replace its FP32 source {fp32_path}; give another file name")
+    for name, value, low, high in (("target", target, 0, 1), ("min_agreement", min_agreement, 0, 1)):
+        if not low <= real_number(value, name) <= high:
+            raise HanEdgeError(f"{name} must be a number from {low} to {high}; got {value!r}")
+    if exclude is not None and (not isinstance(exclude, (list, tuple)) or not all(isinstance(g, str) for g in exclude)):
+        raise HanEdgeError(f"exclude must be a list of layer-group names; got {exclude!r:.80}")
+    if isinstance(max_excluded, bool) or not isinstance(max_excluded, int) or max_excluded < 0:
+        raise HanEdgeError(f"max_excluded must be a whole number >= 0; got {max_excluded!r:.40}")
+    check_steps(finetune_steps)
     spec = INT8_FLAVOURS[flavour]
     fp32_model = load_onnx(fp32_path)
     meta = onnx_metadata(fp32_model)
     config, _ = config_from_metadata(meta, str(fp32_path))
+    for what, batch, least in (("calibration images", calib_batch, 1), ("held-out images", heldout_batch, 2),
+                               ("report images", heldout_batch if report_batch is None else report_batch, 2)):
+        _check_batch(batch, config.input_size, what, least)
     groups = check_exclusions(fp32_model, exclude or [])
     cache = path.with_name(path.name.removesuffix(".onnx") + ".calib.json")
     key_file = cache.with_suffix(".key")
@@ -199,7 +223,10 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
 
         def build(excluded_groups: list[str]):
             nodes = always_float + [n for g in excluded_groups for n in groups[g]]
-            return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
+            try:
+                return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
+            except (ValueError, RuntimeError) as err:   # ORT's quantiser on a graph that is not han-edge's HAN
+                raise HanEdgeError(f"ONNX Runtime cannot quantise {fp32_path}: {reason(err)}") from None
 
         def features(model) -> np.ndarray:
             onnx.save(model, str(tmp / "score.onnx"))

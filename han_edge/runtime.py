@@ -20,6 +20,7 @@ from han_edge.arrays import ensure_on, is_numpy, to_numpy
 from han_edge.backends import Backend, open_backend
 from han_edge.config import HANConfig
 from han_edge.errors import HanEdgeError
+from han_edge.paths import require_file
 from han_edge.preprocess import Normalizer, check_frame, clip_boxes, crop_batch, crop_batch_host, normalize, resize_crops
 
 
@@ -216,8 +217,7 @@ class Embedder:
         for i, p in enumerate(paths):
             if not isinstance(p, (str, os.PathLike)) or isinstance(p, bytes) or not str(p):
                 raise HanEdgeError(f"path {i} is {_describe(p)}, not an image file name")
-            if Path(p).is_dir():
-                raise HanEdgeError(f"image {p} is a directory, not an image file")
+            require_file(Path(p), "image")
         parts = []
         for start in range(0, len(paths), chunk):
             parts.append(self.embed_crops([load_image(p) for p in paths[start:start + chunk]], on_device=True))

@@ -20,6 +20,8 @@ from han_edge.preprocess import images_to_batch, load_image
 
 # Section 4: 300 epochs, lr x0.1 at 100, 200, 250 -> the same fractions of any epoch budget.
 MILESTONE_FRACTIONS = (1 / 3, 2 / 3, 5 / 6)
+MIN_BATCH = 2      # BatchNorm in training mode needs two images per batch (the loader drops a last batch of one)
+MAX_LR = 100.0     # far above any useful rate; beyond ~3e38 SGD's float32 update overflows with a traceback
 
 
 @dataclass
@@ -42,19 +44,19 @@ class TrainOptions:
                 bound = f"from {low} to {high}" if high is not None else f">= {low}"
                 raise HanEdgeError(f"training option {name} must be a whole number {bound}; got {value!r}")
 
-        def real(name, positive):
+        def real(name, positive, high):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0 or (positive and value == 0):
-                raise HanEdgeError(f"training option {name} must be a finite number {'> 0' if positive else '>= 0'}; "
-                                   f"got {value!r}")
+                    or value < 0 or (positive and value == 0) or value > high:
+                raise HanEdgeError(f"training option {name} must be a number {'above' if positive else 'from'} 0 "
+                                   f"{'up ' if positive else ''}to {high:g}; got {value!r}")
         whole("epochs", 0, 100_000)
-        whole("batch_size", 1, 1 << 16)
+        whole("batch_size", MIN_BATCH, 1 << 16)
         whole("seed", 0, 2**32 - 1)
         whole("workers", 0, 1024)
-        real("lr", True)
-        real("momentum", False)
-        real("weight_decay", False)
+        real("lr", True, MAX_LR)
+        real("momentum", False, 1)
+        real("weight_decay", False, 1)
         return self
 
 

@@ -36,6 +36,7 @@ from han_edge.errors import HanEdgeError
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1   # DeepStream's config integers
 MAX_FEATURE_DIM = 1 << 16
+MAX_IMAGE_SIDE = 1 << 15           # pixels a frame or crop side may have (a 16K frame is 15360 x 8640)
 MAX_THREADS = 1024                 # intra-op threads (the CLI's --threads bound): ONNX Runtime hangs creating 10**6
 # advice to load untrusted data unsafely, as PyTorch and NumPy word it (not bare words: a file may be
 # called weights_only.pt)
@@ -182,6 +183,17 @@ def _host(array) -> np.ndarray:
     return to_numpy(array)
 
 
+def plain_array(obj, what: str):
+    """A NumPy array subclass as a plain ``ndarray`` (``np.matrix`` keeps 2-D shapes through indexing and
+    makes ``*`` a matrix product); a masked array with masked values is refused, not read unmasked.
+    Anything else is returned as it is."""
+    if isinstance(obj, np.ndarray) and type(obj) is not np.ndarray:
+        if np.ma.is_masked(obj):
+            raise HanEdgeError(f"{what} is a masked array with masked values; fill or drop them first")
+        return np.asarray(obj)
+    return obj
+
+
 def finite(array, what: str = "array"):
     """``array`` unchanged if every value is finite (NumPy or any array-API array), else one sentence naming rows."""
     if not hasattr(array, "dtype") or not hasattr(array, "shape"):
@@ -213,6 +225,7 @@ def features_array(array, dim: int, what: str = "features", min_norm: float = 0.
     whose squared norm does (the distances would be inf or NaN) are refused naming the rows; so are rows
     with a norm below ``min_norm`` (a cosine gallery passes ``COSINE_MIN_NORM``: a zero row has no direction).
     """
+    array = plain_array(array, what)
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         try:
             array = np.asarray(array, dtype=np.float32)
@@ -291,13 +304,22 @@ def image(array, what: str = "frame") -> np.ndarray:
     """A ``uint8`` ``H x W x 3`` (BGR) image; ``None`` is refused naming it (e.g. a failed ``cv2.imread``)."""
     if array is None:
         raise HanEdgeError(f"{what} is None (an image that failed to load?)")
+    array = plain_array(array, what)
     if not isinstance(array, np.ndarray):
         raise HanEdgeError(f"{what} must be a NumPy uint8 H x W x 3 image; got {_describe(array)}")
     if array.dtype != np.uint8:
         raise HanEdgeError(f"{what} must be uint8; got {array.dtype}")
     if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
         raise HanEdgeError(f"{what} must be H x W x 3 with H, W >= 1; got shape {array.shape}")
+    image_size(array.shape, what)
     return array
+
+
+def image_size(shape, what: str = "frame") -> None:
+    """Refuse an image side above ``MAX_IMAGE_SIDE`` (OpenCV copies such a view whole, or crashes)."""
+    if max(shape[0], shape[1]) > MAX_IMAGE_SIDE:
+        raise HanEdgeError(f"{what} is {shape[1]} x {shape[0]} pixels; han-edge takes at most {MAX_IMAGE_SIDE} "
+                           f"on a side")
 
 
 def images(crops, what: str = "crop") -> list[np.ndarray]:

@@ -318,6 +318,27 @@ def test_histogram_calibration_takes_any_number_of_images(fresh_onnx, tmp_path, 
     assert sum(n.op_type == "QuantizeLinear" for n in load_onnx(out).graph.node) > 20
 
 
+def test_export_int8_arguments_checked_before_calibration(fresh_onnx, tmp_path):
+    """The Python API's own checks (the CLI's are its options): each was an ONNX Runtime or NumPy error, or worse."""
+    _, path = fresh_onnx
+    good = np.random.default_rng(0).normal(size=(4, 3, 160, 64)).astype(np.float32)
+    out = tmp_path / "q.onnx"
+    cases = [({"calib_batch": good.tolist()}, "calibration images must be a float32 \\(N, 3, 160, 64\\) batch"),
+             ({"calib_batch": good.astype(np.uint8)}, "got uint8"),
+             ({"heldout_batch": good[:, :, :10]}, "held-out images must be .* got float32 \\(4, 3, 10, 64\\)"),
+             ({"calib_batch": np.full_like(good, np.nan)}, "calibration images: NaN or infinite values"),
+             ({"heldout_batch": good[:1]}, "held-out images: 1 given, at least 2 needed"),
+             ({"target": float("nan")}, "target must be a finite number"), ({"min_agreement": 2}, "from 0 to 1"),
+             ({"exclude": "stem"}, "exclude must be a list of layer-group names"),   # not four one-letter groups
+             ({"max_excluded": -1}, "max_excluded must be a whole number >= 0"),
+             ({"path": path}, "would replace its FP32 source")]                    # the FP32 file was overwritten
+    for change, match in cases:
+        kwargs = {"calib_batch": good, "heldout_batch": good, "path": out, "flavour": "cpu", **change}
+        with pytest.raises(HanEdgeError, match=match):
+            export_int8(path, **kwargs)
+    assert not out.exists() and load_onnx(path).graph.node[0].op_type != "QuantizeLinear"
+
+
 def test_clear_errors(tmp_path, synthetic_root):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
@@ -325,10 +346,18 @@ def test_clear_errors(tmp_path, synthetic_root):
         export_all(ExportOptions(checkpoint=str(bad), out_dir=str(tmp_path)))
     with pytest.raises(HanEdgeError, match="unknown variant"):
         export_all(ExportOptions(variant="xl", out_dir=str(tmp_path)))
-    for sizes in ({"calib_size": 0}, {"calib_size": -3}, {"heldout_size": 1}, {"heldout_size": 0},
-                  {"heldout_size": 2.5}):
-        with pytest.raises(HanEdgeError, match="calib_size must be an integer of at least 1 and heldout_size"):
-            export_all(ExportOptions(out_dir=str(tmp_path / "never"), **sizes))
+    for bad_option, match in [({"calib_size": 0}, "calib_size must be a whole number of at least 1"),
+                              ({"calib_size": -3}, "calib_size"), ({"calib_size": True}, "calib_size"),
+                              ({"heldout_size": 1}, "heldout_size must be a whole number of at least 2"),
+                              ({"heldout_size": 0}, "heldout_size"), ({"heldout_size": 2.5}, "heldout_size"),
+                              ({"variant": None}, "variant must be a string"), ({"out_dir": 5}, "out_dir must be a path"),
+                              ({"out_dir": ""}, "out_dir must be a path"), ({"checkpoint": 5}, "checkpoint must be a path"),
+                              ({"int8_exclude": "stem"}, "int8_exclude must be a list"),   # not split into letters
+                              ({"int8_min_agreement": float("nan")}, "int8_min_agreement must be a number from 0 to 1"),
+                              ({"fp16": 1}, "fp16 must be True or False"), ({"seed": -1}, "seed")]:
+        with pytest.raises(HanEdgeError, match=f"export option {match}"):
+            export_all(ExportOptions(**{"out_dir": str(tmp_path / "never"), **bad_option}))
+    assert not (tmp_path / "never").exists()
     for steps in (-1, 2.5, True, "10", 100_001):
         with pytest.raises(HanEdgeError, match="int8_finetune must be a whole number of steps from 0 to 100000"):
             export_all(ExportOptions(out_dir=str(tmp_path / "never"), int8=True, int8_finetune=steps))

@@ -1,4 +1,4 @@
-"""Hostile files and values (review round 2): odd destinations, lying gallery files, unchecked API arguments.
+"""Hostile files and values (review rounds 2 and 3): odd destinations, lying gallery files, unchecked API arguments.
 
 Every case ends in one ``HanEdgeError`` sentence and leaves what was on disk as it was: a FIFO, a symlink loop or
 the process's own standard output is never renamed over; a gallery file whose scalars have the wrong type or whose
@@ -261,3 +261,83 @@ def test_a_fifo_given_as_an_input_file_is_named_as_such(tmp_path):
             read(tmp_path / name)
     with pytest.raises(HanEdgeError, match="missing.onnx not found"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+# -- round 3: lock files, over-long names, checkpoints, archives NumPy never writes, array subclasses, huge frames --
+@pytest.mark.parametrize("kind", ["fifo", "folder", "symlink"])
+def test_a_lock_file_that_is_not_a_file_is_refused_without_waiting(tmp_path, kind):
+    from han_edge.paths import folder_lock
+
+    lock, outside = tmp_path / ".han-edge.lock", tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    {"fifo": lambda: os.mkfifo(lock), "folder": lock.mkdir, "symlink": lambda: lock.symlink_to(outside)}[kind]()
+    with pytest.raises(HanEdgeError, match="lock file .* is not a regular file; remove it"):   # open() hung on a FIFO
+        with folder_lock(tmp_path, "export folder"):
+            pass
+    assert not outside.exists()                                   # the link's target was not created
+
+
+LONG = "a" * 300   # over NAME_MAX: Path.is_file() raises instead of answering
+
+
+@pytest.mark.parametrize("call", ["onnx", "pt", "plan", "gallery", "checkpoint"])
+def test_over_long_file_names_are_one_short_sentence(tmp_path, call):
+    from han_edge.checkpoint import load_checkpoint
+
+    name = tmp_path / f"{LONG}.{ {'gallery': 'npz', 'checkpoint': 'pt'}.get(call, call)}"
+    fn = {"gallery": Gallery.load, "checkpoint": load_checkpoint}.get(call, Embedder)
+    message = refused("the file name is too long", fn, name)
+    assert len(message) < 250 and "..." in message                 # the name is shortened, not printed whole
+
+
+def test_checkpoint_api_refuses_wrong_types_and_state_it_could_not_load(tmp_path):
+    from han_edge.checkpoint import load_checkpoint, save_checkpoint
+    from han_edge.config import get_config
+    from han_edge.model import build_model
+
+    config = get_config("small")
+    model, path = build_model(config), tmp_path / "run.pt"
+    save_checkpoint(path, model, config, epoch=1, history=[{"loss": 1.0}])
+    before = path.read_bytes()
+    for name in (None, 5, b"run.pt", ""):
+        refused("a checkpoint name must be a non-empty str or Path", load_checkpoint, name)
+    refused("needs a HAN model and its HANConfig", save_checkpoint, path, model, None)
+    refused("needs a HAN model and its HANConfig", save_checkpoint, path, None, config)
+    for state in (object(), lambda: 1):    # written before, then refused by load_checkpoint; now never written
+        refused("not written: the training state given holds Python objects", save_checkpoint, path, model, config,
+                extra=state)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["run.pt"]
+    assert load_checkpoint(path)["epoch"] == 1
+    for content in (os.urandom(64), b"\xff\xd8\xff\xe0 a JPEG", b"hello world"):   # was "it holds Python objects"
+        (tmp_path / "other.pt").write_bytes(content)
+        refused("not a file written by torch.save", load_checkpoint, tmp_path / "other.pt")
+
+
+def test_gallery_archive_members_compressed_as_numpy_never_writes_are_refused(tmp_path):
+    gallery = Gallery(dim=8)
+    gallery.add(np.arange(5), X)
+    gallery.save(tmp_path / "g.npz")
+    with zipfile.ZipFile(tmp_path / "g.npz") as src, zipfile.ZipFile(tmp_path / "bz.npz", "w", zipfile.ZIP_BZIP2) as dst:
+        for info in src.infolist():        # bzip2 has no bound on expansion to check a lying header against
+            dst.writestr(info.filename, src.read(info))
+    refused(r"is not a han-edge gallery: .* compressed with a method han-edge never writes \(bzip2\)", Gallery.load,
+            tmp_path / "bz.npz")
+
+
+def test_array_subclasses_are_plain_arrays_or_refused(fresh_onnx):
+    gallery = Gallery(dim=8)
+    gallery.add(np.arange(5), X)
+    ids, dists = gallery.search(np.asmatrix(X[:2]), k=2)            # was a NumPy error (matrix products)
+    want_ids, want_dists = gallery.search(X[:2], k=2)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(dists, want_dists)
+    refused("masked array with masked values", gallery.search, np.ma.masked_array(X[:1], mask=X[:1] > 0), 1)
+    emb, frame = Embedder(fresh_onnx[1]), np.random.default_rng(1).integers(0, 255, (120, 90, 3), dtype=np.uint8)
+    boxes = [[0, 0, 40, 100], [10, 5, 80, 110]]
+    np.testing.assert_allclose(emb.embed_frame(frame, np.asmatrix(boxes)), emb.embed_frame(frame, boxes), atol=1e-6)
+
+
+def test_frames_larger_than_any_camera_are_refused(fresh_onnx):
+    emb = Embedder(fresh_onnx[1])
+    huge = np.broadcast_to(np.uint8(5), (40_000, 40_000, 3))     # zero strides: 4.8 GB that OpenCV would copy (or crash)
+    refused("40000 x 40000 pixels; han-edge takes at most 32768 on a side", emb.embed_frame, huge, [[0, 0, 100, 100]])
+    refused("crop 0 is 2 x 40000 pixels", emb.embed_crops, [np.broadcast_to(np.uint8(5), (40_000, 2, 3))])

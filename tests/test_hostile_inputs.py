@@ -437,7 +437,8 @@ def tiny_items(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("epochs", -1), ("batch_size", 0), ("lr", float("nan")),
                                           ("lr", float("inf")), ("lr", 0.0), ("lr", -1e-3), ("seed", -1),
-                                          ("momentum", float("nan")), ("epochs", 2.5), ("batch_size", True)])
+                                          ("momentum", float("nan")), ("epochs", 2.5), ("batch_size", True),
+                                          ("batch_size", 1), ("lr", 1e39), ("momentum", 2.0), ("weight_decay", 1e300)])
 def test_training_options_refused_before_any_work(tmp_path, field, value):
     from han_edge.train import TrainOptions, train
 

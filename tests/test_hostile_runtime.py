@@ -254,7 +254,8 @@ def test_bad_image_files(emb, tmp_path):
     (tmp_path / "cut.jpg").write_bytes(cv2.imencode(".jpg", FRAME)[1].tobytes()[:50])
     good = tmp_path / "good.png"
     cv2.imwrite(str(good), FRAME)
-    refused("cannot read image .*missing.jpg", emb.embed_files, [tmp_path / "missing.jpg"])
+    refused("image .*missing.jpg not found", emb.embed_files, [good, tmp_path / "missing.jpg"])   # before any work
+    refused("cannot read image .*: the file name is too long", emb.embed_files, [tmp_path / ("a" * 300 + ".png")])
     refused("cannot read image .*notes.txt", emb.embed_files, [good, tmp_path / "notes.txt"])
     refused("cannot read image .*cut.jpg", emb.embed_files, [tmp_path / "cut.jpg"])
     refused("is a directory", emb.embed_files, [good, tmp_path])

@@ -21,8 +21,8 @@ def train(
     root: Optional[Path] = typer.Option(None, help="dataset folder (synthetic: where to generate it; default data/synthetic)"),
     variant: Optional[Variant] = typer.Option(None, help="small, medium or large (Table 1); default small, or the --resume checkpoint's"),
     epochs: int = typer.Option(12, min=0, max=100_000, help="epoch budget; lr milestones at 1/3, 2/3, 5/6 of it (paper: 300); 0 writes the untrained baseline"),
-    batch_size: int = typer.Option(32, min=1, max=MAX_BATCH),
-    lr: float = typer.Option(3e-2, callback=finite_positive, help="SGD learning rate (finite, > 0)"),
+    batch_size: int = typer.Option(32, min=1, max=MAX_BATCH, help="images per SGD step (at least 2: BatchNorm)"),
+    lr: float = typer.Option(3e-2, callback=finite_positive, help="SGD learning rate (above 0, at most 100)"),
     flip: bool = typer.Option(False, help="random horizontal flip"),
     random_erasing: bool = typer.Option(False, help="random erasing (the paper's RE rows)"),
     resume: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="checkpoint to continue from"),
@@ -35,9 +35,9 @@ def train(
     from han_edge.train import TrainOptions
     from han_edge.train import train as run_training
 
-    data = load_dataset(dataset, root)
     options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, flip=flip, random_erasing=random_erasing,
-                           seed=seed)
+                           seed=seed).check()   # before the data set is read (or generated)
+    data = load_dataset(dataset, root)
     console.print(f"{data.name}: {len(data.train)} training images of {data.num_train_pids} identities")
     with progress_bar() as bar:
         task = bar.add_task("train", total=None, info="")
