@@ -78,7 +78,7 @@ def run_bench(model_path, batches: list[int], iters: int, gallery_size: int, thr
 
     fmt = format_of(model_path)
     options = dict(backend_options)
-    if threads and "threads" in fmt.options:
+    if threads:   # a backend without the option refuses it (Embedder), rather than benchmarking its default
         options["threads"] = threads
     if "max_batch" in fmt.options:
         options.setdefault("max_batch", max(batches))

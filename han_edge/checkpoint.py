@@ -108,6 +108,11 @@ def model_from_checkpoint(path: str | Path, variant: str | None = None, map_loca
     # the identity classifiers (up to 10**7 rows) are training state: inference never builds them
     weights = {k: v for k, v in data["state_dict"].items() if not str(k).startswith(CLASSIFIERS)}
     model = HAN(config, 0)
+    floats = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    cast = sorted(k for k, v in weights.items() if k in floats and hasattr(v, "is_floating_point") and not v.is_floating_point())
+    if cast:   # load_state_dict would cast complex (dropping the imaginary part), bool or integer weights silently
+        raise HanEdgeError(f"checkpoint {path} stores {len(cast)} weight tensor{'s' * (len(cast) > 1)} ({', '.join(cast[:2])}"
+                           f"{', ...' if len(cast) > 2 else ''}) as {weights[cast[0]].dtype}, not floating point")
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as err:

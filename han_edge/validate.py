@@ -227,10 +227,15 @@ def features_array(array, dim: int, what: str = "features", min_norm: float = 0.
     """
     array = plain_array(array, what)
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
-        try:
-            array = np.asarray(array, dtype=np.float32)
+        given = array
+        try:   # no dtype here: a cast would read strings ("1.5") and Decimals as numbers
+            array = np.asarray(array)
         except (TypeError, ValueError, OverflowError):
-            raise HanEdgeError(f"{what} must be an (N, {dim}) array of numbers; got {_describe(array)}") from None
+            array = None
+        if array is None or array.dtype.kind not in "iuf":
+            kinds = {"U": "strings", "S": "strings", "O": "Python objects", "b": "booleans", "c": "complex numbers"}
+            held = "" if array is None or array.ndim == 0 else f" holding {kinds.get(array.dtype.kind, array.dtype)}"
+            raise HanEdgeError(f"{what} must be an (N, {dim}) array of numbers; got {_describe(given)}{held}")
     if array.ndim != 2 or array.shape[1] != dim:
         raise HanEdgeError(f"{what} must have shape (N, {dim}); got {tuple(array.shape)}")
     xp = _namespace(array)

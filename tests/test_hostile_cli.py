@@ -112,6 +112,11 @@ def test_bad_option_values(tmp_path, model_file, args, match):
     assert set(os.listdir(tmp_path)) == before                    # nothing written
 
 
+def test_bench_threads_for_a_backend_without_them_is_refused_not_ignored(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"never read")    # the option is refused before the file is opened
+    refused(["bench", "--model", tmp_path / "m.pt", "--threads", "2"], r"pytorch models take no option\(s\) \['threads'\]")
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet="0123456789,-+ .xe", max_size=12))
 def test_bench_batch_list_is_parsed_or_refused_in_one_sentence(model_file, text):

@@ -42,6 +42,19 @@ def test_non_finite_weights_are_refused_naming_the_checkpoint(tmp_path, value):
         model_from_checkpoint(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64])
+def test_weights_stored_as_other_than_floating_point_are_refused(tmp_path, dtype):
+    path = _checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    data["state_dict"]["stem.0.weight"] = data["state_dict"]["stem.0.weight"].to(dtype)   # was cast silently
+    torch.save(data, path)
+    with pytest.raises(HanEdgeError, match=rf"stores 1 weight tensor \(stem.0.weight\) as {dtype}, not floating point"):
+        model_from_checkpoint(path)
+    data["state_dict"]["stem.0.weight"] = data["state_dict"]["stem.0.weight"].to(torch.float16)
+    torch.save(data, path)
+    model_from_checkpoint(path)                                  # half precision is a floating point: loaded
+
+
 def test_weights_that_overflow_are_refused_before_any_export_file(tmp_path, synthetic_root):
     def blow_up(model):
         with torch.no_grad():

@@ -10,6 +10,7 @@ import io
 import json
 import threading
 import time
+from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -340,6 +341,8 @@ def _same(a, b):
     (([1], np.full((1, 8), np.inf)), "NaN or infinite values in row 0"),
     (([1], np.full((1, 8), "a")), "features must hold real numbers"),
     (([1], [["a"] * 8]), "features must be an \\(N, 8\\) array of numbers"),
+    (([1], [["1.5"] * 8]), "array of numbers; got a list of 1 holding strings"),            # was read as 1.5
+    (([1], [[Decimal(1)] * 8]), "array of numbers; got a list of 1 holding Python objects"),
     (([1], np.full((1, 8), 1.0, object)), "features must hold real numbers; got object"),
     (([1], np.ones((1, 8), bool)), "features must hold real numbers; got bool"),
     (([1], np.ones((1, 8), complex)), "features must hold real numbers; got complex128"),      # was: imaginary dropped
@@ -347,7 +350,7 @@ def _same(a, b):
     (([1], np.full((1, 8), 1e20, np.float32)), "row 0 has a squared norm too large for float32"),  # distances inf/NaN
     (([1], np.ones((1, 9))), "got \\(1, 9\\)"),
     (([1, 2], [[1.0] * 8, [1.0] * 7]), "features must be an \\(N, 8\\) array"),
-    (([1], None), "features must have shape"),
+    (([1], None), "features must be an \\(N, 8\\) array of numbers; got None"),
 ])
 def test_bad_adds_change_nothing(index, args, match):
     gallery = _filled(index)
@@ -436,7 +439,7 @@ def test_any_features_are_stored_finite_or_refused(feats):
     ({"queries": np.ones((1, 8), complex)}, "queries must hold real numbers"),
     ({"queries": np.ones((1, 8), object)}, "queries must hold real numbers"),
     ({"queries": "abc"}, "queries must be an \\(N, 8\\) array of numbers"),
-    ({"queries": None}, "queries must have shape"),
+    ({"queries": None}, "queries must be an \\(N, 8\\) array of numbers; got None"),
     ({"queries": []}, "got \\(0,\\)"),
     ({"queries": 3.0}, "got \\(\\)"),
     ({"query_cams": [0], "exclude_same_camera": True}, "1 query camera ids for 5 features"),
