@@ -152,12 +152,16 @@ def boxes_by_file(boxes: dict, files: list, root, source: str = "boxes file") ->
     root = Path(root)
     relative = {f: Path(f).relative_to(root).as_posix() for f in files}
     counts = Counter(Path(f).name for f in files)
+    exact = set(relative.values())   # a key that is some image's path is that image's, never a bare name
     found = {}
     for f in files:
         name = Path(f).name
+        by_name = name in boxes and name != relative[f] and name not in exact
         if relative[f] in boxes:
+            if by_name:
+                raise HanEdgeError(f"{source} keys image {relative[f]!r} twice ({relative[f]!r} and {name!r}); keep one")
             found[f] = boxes[relative[f]]
-        elif name in boxes:
+        elif by_name:
             if counts[name] > 1:
                 same = sorted(r for g, r in relative.items() if Path(g).name == name)
                 raise HanEdgeError(f"{source} key {name!r} matches {counts[name]} images under {root} "

@@ -34,8 +34,8 @@ import numpy as np
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes
-from han_edge.paths import ensure_folder
-from han_edge.validate import INT32_MAX
+from han_edge.paths import as_path, check_destination, ensure_folder, require_file
+from han_edge.validate import INT32_MAX, MAX_BATCH, safe_text, whole_number
 
 DEEPSTREAM_VERSION = "9.2"
 # nvinfer network-mode: 0=FP32, 1=INT8, 2=FP16; tracker ReID networkMode: 0=FP32, 1=FP16, 2=INT8
@@ -55,6 +55,24 @@ class DeepStreamOptions:
     reid_history_size: int = 100         # user's choice: features kept per target (cf. Gallery.keep_recent)
     workspace_mib: int = 1024
     gpu_id: int = 0
+
+    def check(self) -> "DeepStreamOptions":
+        """Self, or one sentence naming the first option of the wrong kind or out of range (before any work)."""
+        if self.batch_size is not None:
+            whole_number(self.batch_size, "batch size", 1, MAX_BATCH)
+        if not isinstance(self.fold, bool):
+            raise HanEdgeError(f"fold must be True or False; got {self.fold!r:.40}")
+        for name in ("gie_unique_id", "operate_on_gie_id", "gpu_id"):   # DeepStream parses them as 32-bit ints
+            whole_number(getattr(self, name), name, 0, INT32_MAX)
+        ids = self.operate_on_class_ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise HanEdgeError(f"operate_on_class_ids must be a non-empty list of class ids; got {ids!r:.40}")
+        for class_id in ids:
+            whole_number(class_id, "a class id in operate_on_class_ids", 0, INT32_MAX)
+        whole_number(self.reid_type, "reidType (1 NvDeepSORT, 2 re-association, 3 both)", 1, 3)
+        whole_number(self.reid_history_size, "reidHistorySize", 1, INT32_MAX)
+        whole_number(self.workspace_mib, "workspace (MiB)", 1, 1 << 20)
+        return self
 
 
 @dataclass
@@ -87,10 +105,11 @@ def preprocessing(config: HANConfig, normalization: str) -> Preprocessing:
 def _read_model(path: Path) -> tuple[HANConfig, str, dict, int | None]:
     """(config, precision, metadata, engine max batch or None)."""
     if path.suffix.lower() == ".onnx":
-        from han_edge.onnx_io import load_onnx, onnx_metadata
+        from han_edge.onnx_io import load_onnx, onnx_metadata, validate_han_model
 
-        meta = onnx_metadata(load_onnx(path))
-        config, precision = config_from_metadata(meta, str(path))
+        model = load_onnx(path)
+        meta = onnx_metadata(model)
+        config, precision = validate_han_model(model, meta, str(path))   # the graph is what its metadata says
         return config, precision, meta, None
     if path.suffix.lower() in (".plan", ".engine"):
         from han_edge.engine import read_engine_metadata
@@ -108,29 +127,18 @@ def _fmt(value: float) -> str:
 
 def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions | None = None) -> dict:
     """Write the nvinfer config, the tracker ReID section and the model into ``out``; returns what was written."""
-    options = options or DeepStreamOptions()
-    model = Path(model)
-    if not model.is_file():
-        raise HanEdgeError(f"model file {model} not found")
+    options = (options or DeepStreamOptions()).check()
+    model = as_path(model, "model file")
+    require_file(model, "model file")
+    safe_text(model.name, "the model's file name (it goes into the configs)")
     config, precision, meta, engine_max = _read_model(model)
     from han_edge.fold import fold_model, folded_name
 
     normalization = normalization_of(meta, str(model))
     is_engine = model.suffix.lower() in (".plan", ".engine")
     batch = options.batch_size if options.batch_size is not None else (engine_max or 16)
-    if batch < 1:
-        raise HanEdgeError(f"batch size must be at least 1, got {batch}")
     if engine_max is not None and batch > engine_max:
         raise HanEdgeError(f"{model.name} was built for batches up to {engine_max}; batch size {batch} would not run")
-    if options.reid_type not in (1, 2, 3):
-        raise HanEdgeError(f"reidType must be 1 (NvDeepSORT), 2 (re-association) or 3 (both), got {options.reid_type}")
-    if options.reid_history_size < 1:
-        raise HanEdgeError(f"reidHistorySize must be at least 1, got {options.reid_history_size}")
-    ids = {"gie-unique-id": [options.gie_unique_id], "operate-on-gie-id": [options.operate_on_gie_id],
-           "operate-on-class-ids": list(options.operate_on_class_ids)}
-    for key, values in ids.items():   # DeepStream parses these as 32-bit ints
-        if not values or not all(0 <= v <= INT32_MAX for v in values):
-            raise HanEdgeError(f"{key} must be whole numbers from 0 to {INT32_MAX}, got {values}")
     if precision not in NVINFER_MODE:
         raise HanEdgeError(f"unknown precision {precision!r} in {model.name}")
     if precision == "int8-cpu":
@@ -141,18 +149,20 @@ def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions
     for suffix in (".onnx", ".plan", ".engine"):
         name = name.removesuffix(suffix)
     name = name.replace(".", "_")
+    fold = not is_engine and normalization != "folded" and options.fold
+    target = out / (folded_name(model).name if fold else model.name)
+    infer_out, tracker_out = out / f"config_infer_secondary_{name}.txt", out / f"config_tracker_reid_{name}.yml"
+    for path, what in ((target, "model copy"), (infer_out, "nvinfer config"), (tracker_out, "tracker config")):
+        check_destination(path, what)            # all three before the first is replaced
 
     # The model DeepStream gets: folded when possible (exact pre-processing), copied beside the configs.
-    if not is_engine and normalization != "folded" and options.fold:
+    if fold:
         from han_edge.onnx_io import load_onnx, save_onnx
 
-        target = out / folded_name(model).name
         save_onnx(fold_model(load_onnx(model)), target)
         normalization = "folded"
-    else:
-        target = out / model.name
-        if target.resolve() != model.resolve():
-            atomic_write_bytes(target, model.read_bytes(), "model copy")
+    elif target.resolve() != model.resolve():
+        atomic_write_bytes(target, model.read_bytes(), "model copy")
     pre = preprocessing(config, normalization)
     height, width = config.input_size
     nv_mode, tr_mode = NVINFER_MODE[precision], TRACKER_MODE[precision]
@@ -226,8 +236,8 @@ def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions
         "  addFeatureNormalization: 1\n"
         f"{tracker_model}\n"
     )
-    infer_path = atomic_write_bytes(out / f"config_infer_secondary_{name}.txt", nvinfer.encode(), "nvinfer config")
-    tracker_path = atomic_write_bytes(out / f"config_tracker_reid_{name}.yml", tracker.encode(), "tracker config")
+    infer_path = atomic_write_bytes(infer_out, nvinfer.encode(), "nvinfer config")
+    tracker_path = atomic_write_bytes(tracker_out, tracker.encode(), "tracker config")
     return {"nvinfer": str(infer_path), "tracker": str(tracker_path), "model": str(target),
             "normalization": normalization, "exact": pre.exact, "max_rel_error": pre.max_rel_error,
             "net_scale_factor": pre.scale, "offsets": list(pre.offsets), "batch_size": batch,

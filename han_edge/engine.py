@@ -15,6 +15,8 @@ from pathlib import Path
 
 from han_edge.config import config_from_metadata
 from han_edge.errors import HanEdgeError, MissingDependencyError
+from han_edge.paths import as_path, check_destination, require_file
+from han_edge.validate import MAX_BATCH, whole_number
 
 TRT_HINT = ("pip install 'han-edge[gpu-cu12]' or '[gpu-cu13]' (TensorRT for your CUDA major; on a Jetson it ships "
             "with JetPack) on an NVIDIA GPU machine; the .onnx files run on CPU with ONNX Runtime")
@@ -51,12 +53,9 @@ def read_engine_metadata(engine_path: str | Path) -> dict:
 
     from han_edge.config import PRECISIONS
 
-    engine_path = Path(engine_path)
+    engine_path = as_path(engine_path, "engine")
     path = side_file(engine_path)
-    if engine_path.is_dir():
-        raise HanEdgeError(f"engine {engine_path} is a directory, not a file")
-    if not engine_path.is_file():
-        raise HanEdgeError(f"engine {engine_path} not found")
+    require_file(engine_path, "engine")
     if not path.is_file():
         raise HanEdgeError(f"engine {engine_path} has no metadata file {path.name}; rebuild it with `han-edge export`")
     if engine_path.stat().st_size == 0:
@@ -90,8 +89,9 @@ def read_engine_metadata(engine_path: str | Path) -> dict:
     if not isinstance(batch, dict) or set(batch) != {"min", "opt", "max"} or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in batch.values()):
         raise bad("'batch' must be {min, opt, max} whole numbers")
-    if not 1 <= batch["min"] <= batch["opt"] <= batch["max"]:
-        raise bad(f"'batch' must satisfy 1 <= min <= opt <= max, not {batch['min']}/{batch['opt']}/{batch['max']}")
+    if not 1 <= batch["min"] <= batch["opt"] <= batch["max"] <= MAX_BATCH:
+        raise bad(f"'batch' must satisfy 1 <= min <= opt <= max <= {MAX_BATCH}, not "
+                  f"{batch['min']}/{batch['opt']}/{str(batch['max'])[:20]}")
     if "source_onnx" in side and not isinstance(side["source_onnx"], str):
         raise bad("'source_onnx' must be a string")
     size = engine_path.stat().st_size
@@ -157,10 +157,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     """Compile an exported ONNX into a serialized engine plus its metadata side file."""
     from han_edge.cuda import device_description
     from han_edge.fileio import atomic_write_bytes, write_json
-    from han_edge.paths import check_destination
     from han_edge.onnx_io import INPUT, load_onnx, onnx_metadata
 
     options = options or BuildOptions()
+    for name in ("min_batch", "opt_batch", "max_batch"):
+        whole_number(getattr(options, name), name, 1, MAX_BATCH)
     if not 1 <= options.min_batch <= options.opt_batch <= options.max_batch:
         raise HanEdgeError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {options.min_batch}, "
                            f"{options.opt_batch}, {options.max_batch}")

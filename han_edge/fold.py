@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from han_edge.config import FOLDED, NORMALIZATION_KEY, HANConfig, config_from_metadata, normalization_of
+from han_edge.config import FOLDED, NORMALIZATION_KEY, HANConfig, normalization_of
 from han_edge.errors import HanEdgeError
-from han_edge.onnx_io import FOLD_SCALE, INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata
+from han_edge.onnx_io import FOLD_SCALE, INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata, validate_han_model
+from han_edge.paths import as_path
 
 COLOR_ORDER_KEY = "han_edge.color_order"
 _NORMALISED = "han_edge_fold/normalised"
@@ -43,7 +44,7 @@ def fold_model(model):
     from onnx import helper, numpy_helper
 
     meta = onnx_metadata(model)
-    config, _ = config_from_metadata(meta, "the model")
+    config, _ = validate_han_model(model, meta, "the model")   # the graph is the HAN its metadata describes
     if normalization_of(meta) == FOLDED:
         raise HanEdgeError("the model's normalisation is already folded into the graph")
     graph_inputs = [i.name for i in model.graph.input]
@@ -99,7 +100,7 @@ def folded_name(path: str | Path) -> Path:
 
 def fold_file(src: str | Path, dst: str | Path | None = None) -> Path:
     """Write the folded form of ``src`` to ``dst`` (default: ``<stem>.folded.onnx``; may equal ``src``), atomically."""
-    src = Path(src)
+    src = as_path(src, "model file")
     if src.suffix.lower() != ".onnx":
         raise HanEdgeError(f"{src.name} is not an .onnx file; folding works on ONNX models (fold before `han-edge build`)")
     dst = Path(dst) if dst is not None else folded_name(src)

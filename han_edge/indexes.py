@@ -265,7 +265,7 @@ def pair_distances(xp, a, b, metric: str):
     """Distances between matching rows of a and b (broadcast over leading axes), computed directly."""
     if metric == "cosine":
         dot = xp.sum(a * b, axis=-1)
-        norms = xp.sqrt(xp.sum(a * a, axis=-1) * xp.sum(b * b, axis=-1))
+        norms = xp.sqrt(xp.sum(a * a, axis=-1)) * xp.sqrt(xp.sum(b * b, axis=-1))   # not sqrt(|a|^2 |b|^2): overflows
         return 1 - dot / _at_least(xp, norms, 1e-12)
     diff = a - b
     return xp.sqrt(xp.sum(diff * diff, axis=-1))
@@ -277,7 +277,8 @@ def distances(xp, queries, feats, metric: str, sq_norms=None):
     g_sq = xp.sum(feats * feats, axis=1) if sq_norms is None else sq_norms
     q_sq = xp.sum(queries * queries, axis=1)
     if metric == "cosine":
-        return 1 - dots / xp.sqrt(_at_least(xp, q_sq[:, None] * g_sq[None, :], 1e-24))
+        # |q| |g|, not sqrt(|q|^2 |g|^2): that product overflows float32 for norms from ~4e9 (every distance 1)
+        return 1 - dots / _at_least(xp, xp.sqrt(q_sq)[:, None] * xp.sqrt(g_sq)[None, :], 1e-12)
     return xp.sqrt(_at_least(xp, q_sq[:, None] + g_sq[None, :] - 2 * dots, 0.0))
 
 

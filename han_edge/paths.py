@@ -35,7 +35,9 @@ def check_destination(path: str | Path, what: str = "output", size: int | None =
         if path.is_symlink():                # the write replaces the file the link points to
             _check(write_target(path), what, size)
     except OSError as err:    # e.g. a name too long to stat, a symlink loop
-        raise HanEdgeError(f"cannot write {what} {path}: {os_reason(err)}") from None
+        raise HanEdgeError(f"cannot write {what} {shown_path(path)}: {os_reason(err)}") from None
+    except ValueError:        # a NUL byte in the name
+        raise HanEdgeError(f"cannot write {what} {shown_path(path)!r}: the name holds a NUL byte") from None
     return path
 
 
@@ -81,6 +83,8 @@ def as_path(value, what: str) -> Path:
     """A file name given to the API (``str`` or ``os.PathLike``, not empty, not bytes) as a ``Path``."""
     if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes) or not os.fspath(value):
         raise HanEdgeError(f"a {what} name must be a non-empty str or Path; got {value!r:.40}")
+    if "\0" in os.fspath(value):
+        raise HanEdgeError(f"{what} name {shown_path(value)!r} holds a NUL byte, which no file name can")
     return Path(value)
 
 
@@ -100,6 +104,8 @@ def require_file(path: Path, what: str) -> None:
         raise HanEdgeError(f"{what} {shown} not found") from None
     except OSError as err:
         raise HanEdgeError(f"cannot read {what} {shown}: {os_reason(err)}") from None
+    except ValueError:   # a NUL byte in the name
+        raise HanEdgeError(f"cannot read {what} {shown!r}: the name holds a NUL byte") from None
     if stat.S_ISDIR(mode):
         raise HanEdgeError(f"{what} {shown} is a directory, not a file")
     if not stat.S_ISREG(mode):
@@ -152,7 +158,9 @@ def ensure_folder(path: str | Path, what: str = "output folder") -> Path:
             raise HanEdgeError(f"{what} {path} exists and is not a folder")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise HanEdgeError(f"cannot create {what} {path}: {os_reason(err)}") from None
+        raise HanEdgeError(f"cannot create {what} {shown_path(path)}: {os_reason(err)}") from None
+    except ValueError:
+        raise HanEdgeError(f"cannot create {what} {shown_path(path)!r}: the name holds a NUL byte") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise HanEdgeError(f"cannot write into {what} {path}: it is read-only")
     return path

@@ -168,7 +168,7 @@ def load_image(path) -> np.ndarray:
     try:
         data = np.fromfile(path, np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    except (OSError, cv2.error):
+    except (OSError, ValueError, cv2.error):   # ValueError: a NUL byte in the name
         image = None
     if image is None:
         raise HanEdgeError(f"cannot read image {path}: missing, corrupt or not an image")

@@ -197,15 +197,16 @@ def _ensure_synthetic(root: Path, seed: int, sizes: dict) -> Path:
     marker = root / "synthetic.json"
     if marker.is_file():
         try:
-            spec = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            spec = json.loads(marker.read_text(encoding="utf-8")) if marker.stat().st_size < 1 << 16 else None
+        except (OSError, ValueError, RecursionError):   # RecursionError: nesting deeper than Python's stack
             spec = None
         if not isinstance(spec, dict):
             raise HanEdgeError(f"{marker} is damaged; delete {root} or choose another --root")
         wanted = {"seed": seed, **sizes}
         if all(spec.get(k) == v for k, v in wanted.items()) and spec.get("format") == FORMAT_VERSION:
             return root
-        raise HanEdgeError(f"{root} holds a different synthetic set ({spec}); choose another --root")
+        held = {k: spec.get(k) for k in ("format", *wanted)}
+        raise HanEdgeError(f"{root} holds a different synthetic set ({str(held)[:200]}); choose another --root")
     if root.exists() and not root.is_dir():
         raise HanEdgeError(f"synthetic set folder {root} is a file; choose another --root")
     if root.exists() and any(p.name not in SUBFOLDERS for p in root.iterdir()):

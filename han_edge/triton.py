@@ -23,8 +23,8 @@ from pathlib import Path
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes
-from han_edge.paths import ensure_folder
-from han_edge.validate import INT64_MAX
+from han_edge.paths import as_path, check_destination, ensure_folder, require_file
+from han_edge.validate import INT64_MAX, MAX_BATCH, whole_number
 
 ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32",
               7: "TYPE_INT64"}
@@ -59,13 +59,12 @@ class ServedModel:
 
 def describe_model(path: str | Path) -> ServedModel:
     """Read a .onnx (graph + metadata) or .plan/.engine (side file) into a ``ServedModel``."""
-    path = Path(path)
+    path = as_path(path, "model file")
     suffix = path.suffix.lower()
     if suffix not in PLATFORMS:
         raise HanEdgeError(f"{path.name}: Triton serves .onnx (onnxruntime_onnx) or .plan/.engine (tensorrt_plan) "
                            "files written by han-edge")
-    if not path.is_file():
-        raise HanEdgeError(f"model file {path} not found")
+    require_file(path, "model file")
     platform, filename = PLATFORMS[suffix]
     if suffix == ".onnx":
         return _describe_onnx(path, platform, filename)
@@ -73,11 +72,11 @@ def describe_model(path: str | Path) -> ServedModel:
 
 
 def _describe_onnx(path: Path, platform: str, filename: str) -> ServedModel:
-    from han_edge.onnx_io import load_onnx, onnx_metadata
+    from han_edge.onnx_io import load_onnx, onnx_metadata, validate_han_model
 
     model = load_onnx(path)
     meta = onnx_metadata(model)
-    config, precision = config_from_metadata(meta, str(path))
+    config, precision = validate_han_model(model, meta, str(path))   # the graph is what its metadata says
     initialisers = {t.name for t in model.graph.initializer}
 
     def tensors(values) -> list[Tensor]:
@@ -127,6 +126,24 @@ class RepoOptions:
     instance_kind: str = "gpu"           # gpu, cpu or auto (a .plan needs gpu)
     instances: int = 1
 
+    def check(self) -> "RepoOptions":
+        """Self, or one sentence naming the first option of the wrong kind or out of range (before any work)."""
+        if self.name is not None:
+            _check_name(self.name)
+        whole_number(self.version, "model version", 1, INT64_MAX)          # Triton reads it as int64
+        if self.max_batch is not None:
+            whole_number(self.max_batch, "max_batch", 1, MAX_BATCH)
+        if self.preferred is not None:
+            if not isinstance(self.preferred, (list, tuple)) or not self.preferred:
+                raise HanEdgeError(f"preferred batch sizes must be a non-empty list of whole numbers; got {self.preferred!r:.60}")
+            for size in self.preferred:
+                whole_number(size, "a preferred batch size", 1, MAX_BATCH)
+        whole_number(self.queue_delay_us, "queue_delay_us", 0, 10_000_000)
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise HanEdgeError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}; got {self.instance_kind!r:.40}")
+        whole_number(self.instances, "instances", 1, 64)
+        return self
+
 
 def default_name(path: str | Path) -> str:
     stem = Path(path).name
@@ -137,7 +154,7 @@ def default_name(path: str | Path) -> str:
 
 def _check_name(name: str) -> str:
     """A model name Triton and every file system take (it is the repository's folder name)."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", name):
         raise HanEdgeError(f"invalid Triton model name {name!r}: use 1 to 128 letters, digits, '_' or '-' (--name)")
     return name
 
@@ -217,18 +234,17 @@ def config_text(served: ServedModel, name: str, options: RepoOptions) -> str:
 
 def write_repository(model_path: str | Path, repo: str | Path, options: RepoOptions | None = None) -> dict:
     """Write ``repo/<name>/config.pbtxt`` and ``repo/<name>/<version>/model.{onnx,plan}``; returns the paths."""
-    options = options or RepoOptions()
+    options = (options or RepoOptions()).check()
     served = describe_model(model_path)
     name = _check_name(default_name(served.path) if options.name is None else options.name)
-    if not 1 <= options.version <= INT64_MAX:
-        raise HanEdgeError(f"model version must be from 1 to {INT64_MAX} (Triton reads it as int64), got {options.version}")
     normalization = normalization_of(served.metadata, str(model_path))
     text = config_text(served, name, options)       # all checks before anything is written
-    repo = Path(repo)
+    repo = as_path(repo, "Triton model repository")
     if repo.exists() and not repo.is_dir():
         raise HanEdgeError(f"repository {repo} exists and is not a folder")
     version_dir = ensure_folder(repo / name / str(options.version), "Triton model version folder")
     model_out = version_dir / served.filename
+    check_destination(repo / name / "config.pbtxt", "Triton config.pbtxt")   # before the model file is replaced
     atomic_write_bytes(model_out, served.path.read_bytes(), "Triton model file")
     config_out = atomic_write_bytes(repo / name / "config.pbtxt", text.encode(), "Triton config.pbtxt")
     max_batch, preferred = plan_batching(served, options)

@@ -35,6 +35,7 @@ from han_edge.errors import HanEdgeError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1   # DeepStream's config integers
+MAX_BATCH = 4096        # batch sizes anywhere (CLI options, engine profiles, serving configs)
 MAX_FEATURE_DIM = 1 << 16
 MAX_IMAGE_SIDE = 1 << 15           # pixels a frame or crop side may have (a 16K frame is 15360 x 8640)
 MAX_THREADS = 1024                 # intra-op threads (the CLI's --threads bound): ONNX Runtime hangs creating 10**6
@@ -142,6 +143,23 @@ def _integer(value, label: str) -> int:
     if not INT64_MIN <= number <= INT64_MAX:
         raise HanEdgeError(f"{label} is beyond the 64-bit integer range")
     return number
+
+
+def whole_number(value, name: str, low: int = 0, high: int | None = None) -> int:
+    """A Python/NumPy integer from ``low`` to ``high`` (an option of an API dataclass); bools, floats, strings refused."""
+    bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) \
+            or not low <= int(value) <= (high if high is not None else int(value)):
+        raise HanEdgeError(f"{name} must be a whole number {bounds}; got {_describe(value)}")
+    return int(value)
+
+
+def safe_text(value, name: str) -> str:
+    """A non-empty string without control characters: it goes into a config file line (DeepStream, Triton)."""
+    if not isinstance(value, str) or not value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise HanEdgeError(f"{name} must be a non-empty string without line breaks or control characters; got "
+                           f"{_describe(value)}")
+    return value
 
 
 def positive_int(value, name: str, maximum: int | None = None) -> int:

@@ -341,3 +341,53 @@ def test_frames_larger_than_any_camera_are_refused(fresh_onnx):
     huge = np.broadcast_to(np.uint8(5), (40_000, 40_000, 3))     # zero strides: 4.8 GB that OpenCV would copy (or crash)
     refused("40000 x 40000 pixels; han-edge takes at most 32768 on a side", emb.embed_frame, huge, [[0, 0, 100, 100]])
     refused("crop 0 is 2 x 40000 pixels", emb.embed_crops, [np.broadcast_to(np.uint8(5), (40_000, 2, 3))])
+
+
+@pytest.mark.parametrize("index", ["exact", "faiss"])
+def test_cosine_distances_hold_for_large_feature_norms(index):
+    if index == "faiss":
+        pytest.importorskip("faiss")
+    feats = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], np.float32) * 1e10   # |q|^2 |g|^2 = 1e40 > float32
+    gallery = Gallery(dim=4, metric="cosine", index=index)
+    gallery.add([1, 2, 3], feats)
+    ids, dists = gallery.search(feats[:1], k=3)                                       # was: all 1, insertion order
+    np.testing.assert_array_equal(ids, [[1, 3, 2]])
+    np.testing.assert_allclose(dists, [[0, 1 - 2 ** -0.5, 1]], atol=1e-6)
+    np.testing.assert_allclose(gallery.distances(feats[:1]), [[0, 1, 1 - 2 ** -0.5]], atol=1e-6)
+
+
+def test_names_with_a_nul_byte_are_one_sentence(tmp_path, fresh_onnx):
+    from han_edge.fold import fold_file
+    from han_edge.preprocess import load_image
+    from han_edge.triton import write_repository
+
+    gallery = Gallery(dim=8)
+    gallery.add([1], X[:1])
+    for fn, args in [(load_image, ("a\0b.jpg",)), (gallery.save, ("a\0b.npz",)), (Gallery.load, ("a\0b.npz",)),
+                     (fold_file, ("a\0.onnx",)), (Embedder, ("a\0.onnx",)), (write_repository, (fresh_onnx[1], "r\0i")),
+                     (check_destination, (str(tmp_path / "a\0b"),))]:
+        refused("NUL byte|cannot read image", fn, *args)                        # were ValueError: embedded null byte
+
+
+@pytest.mark.parametrize("content", ["[" * 200_000 + "]" * 200_000, json.dumps({"seed": 1, "junk": "A" * 5_000_000})])
+def test_a_synthetic_marker_too_deep_or_too_large_is_damaged_in_one_short_sentence(tmp_path, content):
+    from han_edge.synthetic import ensure_synthetic
+
+    (tmp_path / "synthetic.json").write_text(content)
+    message = refused("synthetic.json is damaged", ensure_synthetic, tmp_path)   # RecursionError; a 5 MB message
+    assert len(message) < 300
+
+
+def test_match_names_the_query_file_when_its_width_differs(tmp_path):
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+
+    small, wide = Gallery(dim=8), Gallery(dim=16)
+    small.add([1], X[:1])
+    wide.add([1], np.ones((1, 16), np.float32))
+    small.save(tmp_path / "q.npz")
+    wide.save(tmp_path / "g.npz")
+    result = CliRunner().invoke(app, ["match", "--gallery", str(tmp_path / "g.npz"), "--query", str(tmp_path / "q.npz")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "q.npz holds 8-D features and gallery" in text and "16-D" in text, text

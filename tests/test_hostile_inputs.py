@@ -390,7 +390,8 @@ GOOD_SIDE = {"metadata": model_metadata(get_config("small"), "int8"), "precision
     ({**GOOD_SIDE, "precision": "fp16"}, "'precision' says fp16 but the model metadata says int8"),
     ({**GOOD_SIDE, "tensorrt": 10}, "'tensorrt' must be a version"),
     ({**GOOD_SIDE, "gpu": ""}, "'gpu' must be a non-empty string"),
-    ({**GOOD_SIDE, "batch": {"min": 1, "opt": 128, "max": 64}}, "1 <= min <= opt <= max, not 1/128/64"),
+    ({**GOOD_SIDE, "batch": {"min": 1, "opt": 128, "max": 64}}, "1 <= min <= opt <= max <= 4096, not 1/128/64"),
+    ({**GOOD_SIDE, "batch": {"min": 1, "opt": 1, "max": 10**30}}, "max <= 4096, not 1/1/1000000000000000000"),   # into configs
     ({**GOOD_SIDE, "batch": [1, 32, 64]}, "'batch' must be"),
     ({**GOOD_SIDE, "plan_bytes": 999}, "does not match its metadata file: 4 bytes"),
     ({**GOOD_SIDE, "plan_sha256": "0" * 64}, "checksum differs"),
@@ -481,3 +482,17 @@ def test_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tmp_path, 
     saved = torch.load(out, weights_only=True)
     assert saved["epoch"] == 1 and out.read_bytes() != good
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_boxes_keys_name_each_image_once(tmp_path):
+    from han_edge.boxes import boxes_by_file
+
+    files = [str(tmp_path / "a.jpg"), str(tmp_path / "sub" / "a.jpg"), str(tmp_path / "sub" / "b.jpg")]
+    box = np.array([[0, 0, 10, 10]], np.float64)
+    got = boxes_by_file({"a.jpg": box}, files, tmp_path)   # the top-level image's own path, not an ambiguous name
+    assert list(got) == [files[0]]
+    got = boxes_by_file({"b.jpg": box, "sub/a.jpg": 2 * box}, files, tmp_path)
+    assert set(got) == {files[1], files[2]}
+    refused("keys image 'sub/b.jpg' twice", boxes_by_file, {"sub/b.jpg": box, "b.jpg": box}, files, tmp_path)   # was: one dropped
+    refused("key 'a.jpg' matches 2 images", boxes_by_file, {"a.jpg": box}, files[1:2] + [str(tmp_path / "c" / "a.jpg")],
+            tmp_path)

@@ -157,3 +157,46 @@ def test_cli_deepstream(fresh_onnx, tmp_path):
         result = CliRunner().invoke(app, ["deepstream", str(path), "--out", str(tmp_path / "ds3"), *args])
         assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
         assert not list((tmp_path / "ds3").glob("*.txt")), args   # refused before any config is written
+
+
+def test_options_of_the_wrong_kind_are_refused_before_any_file(fresh_onnx, tmp_path):
+    _, path = fresh_onnx
+    for option, match in [({"batch_size": 10**30}, "batch size must be a whole number from 1 to 4096"),
+                          ({"batch_size": 2.5}, "batch size"), ({"batch_size": "8"}, "batch size"),
+                          ({"workspace_mib": -1}, "workspace"), ({"workspace_mib": "x"}, "workspace"),
+                          ({"gpu_id": -1}, "gpu_id"), ({"gpu_id": "0\nnetwork-mode=0"}, "gpu_id"),
+                          ({"reid_history_size": 1.5}, "reidHistorySize"), ({"fold": "no"}, "fold must be True or False"),
+                          ({"gie_unique_id": "2"}, "gie_unique_id"), ({"operate_on_class_ids": 5}, "operate_on_class_ids"),
+                          ({"operate_on_class_ids": ("a",)}, "a class id")]:   # TypeErrors, or written into the configs
+        with pytest.raises(HanEdgeError, match=match):
+            write_configs(path, tmp_path / "ds", DeepStreamOptions(**option))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_model_name_with_a_line_break_is_not_written_into_a_config(fresh_onnx, tmp_path):
+    _, path = fresh_onnx
+    odd = tmp_path / "x\nnetwork-mode=0\n#.onnx"
+    odd.write_bytes(path.read_bytes())
+    with pytest.raises(HanEdgeError, match="file name .* without line breaks"):
+        write_configs(odd, tmp_path / "ds", DeepStreamOptions(fold=False))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_failed_write_replaces_nothing_and_json_never_overwrites_an_output(fresh_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+
+    _, path = fresh_onnx
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "han_small.folded.onnx").write_bytes(b"OLD")
+    (out / "config_tracker_reid_han_small.yml").mkdir()           # the last of the three destinations
+    with pytest.raises(HanEdgeError, match="tracker config .* is a directory"):
+        write_configs(path, out)
+    assert (out / "han_small.folded.onnx").read_bytes() == b"OLD"
+    assert not (out / "config_infer_secondary_han_small.txt").exists()
+    result = CliRunner().invoke(app, ["deepstream", str(path), "--out", str(tmp_path / "ds2"),
+                                      "--json", str(tmp_path / "ds2" / "han_small.folded.onnx")])
+    assert result.exit_code == 2 and "is a file this command just wrote" in result.output, result.output
+    onnx_metadata(load_onnx(tmp_path / "ds2" / "han_small.folded.onnx"))   # still the folded model, not JSON

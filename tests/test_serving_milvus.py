@@ -1,5 +1,6 @@
 """MilvusIndex on Milvus Lite (embedded) against a brute-force NumPy reference."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -322,3 +323,23 @@ def test_a_file_that_is_not_a_milvus_lite_database_is_named_and_kept(tmp_path, c
     with pytest.raises(HanEdgeError, match="users.db is a file, not a Milvus Lite database"):
         Gallery(8, index="milvus", uri=str(path))
     assert path.read_bytes() == content
+
+
+def test_cli_match_reads_a_milvus_gallery_and_never_creates_one(tmp_path):
+    from typer.testing import CliRunner
+
+    from han_edge.cli import app
+    from han_edge.gallery import Gallery
+
+    query = Gallery(8)
+    query.add([1], np.ones((1, 8), np.float32))
+    query.save(tmp_path / "q.npz")
+    (tmp_path / "photos.db" / "sub").mkdir(parents=True)
+    (tmp_path / "photos.db" / "notes.txt").write_text("the user's")
+    for name, match in (("new.db", "Milvus Lite gallery .*new.db does not exist"),
+                        ("photos.db", "photos.db is a folder Milvus Lite did not make")):
+        result = CliRunner().invoke(app, ["match", "--gallery", f"milvus:{tmp_path / name}", "--query",
+                                          str(tmp_path / "q.npz")])
+        assert result.exit_code == 2 and re.search(match, " ".join(result.output.split())), result.output
+    assert not (tmp_path / "new.db").exists()                                   # was created, empty
+    assert sorted(p.name for p in (tmp_path / "photos.db").iterdir()) == ["notes.txt", "sub"]   # was written into

@@ -99,11 +99,51 @@ def test_bad_repository_options(fresh_onnx, tmp_path):
     for name in ("../x", "a b", "a\nb", "", "-" * 129, "x.y"):
         with pytest.raises(HanEdgeError, match="invalid Triton model name"):
             write_repository(path, tmp_path / "r", RepoOptions(name=name))
-    with pytest.raises(HanEdgeError, match="model version must be from 1 to 9223372036854775807"):
+    with pytest.raises(HanEdgeError, match="model version must be a whole number from 1 to 9223372036854775807"):
         write_repository(path, tmp_path / "r", RepoOptions(version=2**63))
     assert not (tmp_path / "r").exists()
     with pytest.raises(HanEdgeError, match="Triton serves"):
         write_repository(tmp_path / "m.pt", tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    for option, match in [({"version": True}, "model version must be a whole number"), ({"version": 1.5}, "version"),
+                          ({"max_batch": 10**12}, "max_batch must be a whole number from 1 to 4096"),
+                          ({"max_batch": "64"}, "max_batch"), ({"preferred": (1.5,)}, "a preferred batch size"),
+                          ({"preferred": "16"}, "preferred batch sizes must be a non-empty list"),
+                          ({"instances": 2.5}, "instances"), ({"instances": 10**30}, "instances must be .* to 64"),
+                          ({"queue_delay_us": float("inf")}, "queue_delay_us"), ({"instance_kind": None}, "instance_kind"),
+                          ({"name": 5}, "invalid Triton model name")]:    # were TypeErrors, or written into the config
+        with pytest.raises(HanEdgeError, match=match):
+            write_repository(path, tmp_path / "r", RepoOptions(**option))
+    for model, repo in ((None, tmp_path / "r"), (path, None)):
+        with pytest.raises(HanEdgeError, match="name must be a non-empty str or Path"):
+            write_repository(model, repo)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_repository_write_replaces_nothing(fresh_onnx, tmp_path):
+    _, path = fresh_onnx
+    (tmp_path / "r" / "a" / "1").mkdir(parents=True)
+    (tmp_path / "r" / "a" / "config.pbtxt").mkdir()
+    (tmp_path / "r" / "a" / "1" / "model.onnx").write_bytes(b"OLD")
+    with pytest.raises(HanEdgeError, match="config.pbtxt is a directory"):
+        write_repository(path, tmp_path / "r", RepoOptions(name="a"))
+    assert (tmp_path / "r" / "a" / "1" / "model.onnx").read_bytes() == b"OLD"   # was replaced before the failure
+
+
+def test_a_graph_that_is_not_what_its_metadata_says_is_not_served(fresh_onnx, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    _, path = fresh_onnx
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["features"])], "ident",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, 160, 64])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3, 160, 64])])
+    ident = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(ident, meta)
+    onnx.save(ident, str(tmp_path / "ident.onnx"))
+    with pytest.raises(HanEdgeError, match="the graph's output is .* but its metadata says 1024-D features"):
+        write_repository(tmp_path / "ident.onnx", tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 

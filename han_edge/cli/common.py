@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer.core import TyperCommand, TyperGroup
 
 from han_edge.errors import HanEdgeError, MissingDependencyError
+from han_edge.validate import MAX_BATCH
 
-MAX_BATCH = 4096
 MAX_GALLERY = 10_000_000     # entries of a synthetic bench gallery (10M x 1024 float32 = 41 GB)
 
 
@@ -119,11 +119,17 @@ def progress_bar() -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
 
 
-def write_json(path: Optional[Path], data) -> None:
-    """An optional --json report, written atomically."""
+def write_json(path: Optional[Path], data, written: tuple = ()) -> None:
+    """An optional --json report, written atomically; never over a file the command has just ``written``."""
     if path:
+        import os
+
         from han_edge.fileio import write_json as write
 
+        for out in written:
+            if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+                raise HanEdgeError(f"--json {path} is a file this command just wrote; the report is not written "
+                                   "over it (give --json another name)")
         write(path, data)
         console.print(f"wrote {path}")
 

@@ -68,10 +68,13 @@ def match(
         from han_edge.cuda import gpu_available
 
         gal = Gallery.load(Path(gallery), device="cuda" if gpu_available() else "cpu")   # matched on the GPU if any
-        qry = Gallery.load(query, dim=gal.dim)
+        qry = Gallery.load(query)
+        if qry.dim != gal.dim:
+            raise HanEdgeError(f"query file {query} holds {qry.dim}-D features and gallery {gallery} {gal.dim}-D; "
+                               "embed both with the same model")
     else:
         qry = Gallery.load(query)
-        gal = open_milvus_gallery(uri, qry.dim)
+        gal = open_milvus_gallery(uri, qry.dim, create=False)
     entries = qry.entries()
     q_feats, q_ids, q_cams = entries.feats, entries.ids, entries.cams
     ids, dists = gal.search(q_feats, k, q_cams, exclude_same_camera)

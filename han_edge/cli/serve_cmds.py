@@ -64,7 +64,7 @@ def deepstream_command(
         console.print(f"[yellow]warning:[/] nvinfer has one scale factor for all channels; the model's per-channel "
                       f"std is approximated (up to {100 * result['max_rel_error']:.2f}% off). Drop --no-fold (or "
                       "build the engine from `han-edge fold` output) for exact pre-processing.")
-    write_json(as_json, result)
+    write_json(as_json, result, written=(result["nvinfer"], result["tracker"], result["model"]))
 
 
 @app.command("triton")
@@ -90,7 +90,7 @@ def triton_command(
     console.print(f"wrote {result['config']}\nwrote {result['model']}\n{result['platform']}, max_batch_size "
                   f"{result['max_batch_size']}, preferred {result['preferred_batch_size']}, input "
                   f"{result['normalization']}; clients: Embedder(\"grpc://HOST:8001/{result['name']}\")")
-    write_json(as_json, result)
+    write_json(as_json, result, written=(result["config"], result["model"]))
 
 
 # -- Milvus galleries for embed / match ----------------------------------------------------------------------
@@ -107,12 +107,23 @@ def milvus_uri(spec: Optional[str]) -> Optional[str]:
     return uri
 
 
-def open_milvus_gallery(uri: str, dim: int, metric: Optional[str] = None, index_type: Optional[str] = None):
+def open_milvus_gallery(uri: str, dim: int, metric: Optional[str] = None, index_type: Optional[str] = None,
+                        create: bool = True):
     """A ``Gallery`` on a Milvus collection (created if new: l2, flat; ``metric``/``index_type`` None: what it has).
 
     The CLI has no metric option: a collection is matched with the metric it was created with, as an .npz
-    gallery is, whatever the query file's.
+    gallery is, whatever the query file's. ``create=False`` (a command that only reads): a Milvus Lite
+    store that does not exist, or a folder Milvus Lite did not make, is refused instead of created.
     """
     from han_edge.gallery import Gallery
+    from han_edge.milvus_client import is_remote
+
+    if not create and not is_remote(uri):
+        store = Path(uri)
+        if not store.exists():
+            raise HanEdgeError(f"Milvus Lite gallery {uri} does not exist; fill one first (han-edge embed "
+                               f"--gallery milvus:{uri})")
+        if store.is_dir() and not (store / "collections").is_dir():   # Milvus Lite 3 keeps LOCK, collections/
+            raise HanEdgeError(f"{uri} is a folder Milvus Lite did not make; give the .db of a gallery")
 
     return Gallery(dim=dim, metric=metric, index="milvus", uri=uri, index_type=index_type)
