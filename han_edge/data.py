@@ -89,7 +89,7 @@ def load_msmt17(root: str | Path) -> ReidData:
         if not list_path.is_file():
             raise HanEdgeError(f"msmt17: list file {list_path} not found")
         try:
-            text = list_path.read_text(encoding="utf-8")
+            text = list_path.read_text(encoding="utf-8-sig")   # a BOM is not part of the first file name
         except UnicodeDecodeError as err:
             raise HanEdgeError(f"msmt17: list file {list_path} is not UTF-8 text (byte {err.start} is "
                                f"{err.object[err.start:err.start + 1]!r})") from None

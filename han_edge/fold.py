@@ -103,7 +103,9 @@ def fold_file(src: str | Path, dst: str | Path | None = None) -> Path:
     src = as_path(src, "model file")
     if src.suffix.lower() != ".onnx":
         raise HanEdgeError(f"{src.name} is not an .onnx file; folding works on ONNX models (fold before `han-edge build`)")
-    dst = Path(dst) if dst is not None else folded_name(src)
+    dst = as_path(dst, "folded ONNX") if dst is not None else folded_name(src)
+    if dst.suffix.lower() != ".onnx":
+        raise HanEdgeError(f"the folded model is an ONNX file: give --out a name ending in .onnx, not {dst.name!r}")
     folded = fold_model(load_onnx(src))
     return save_onnx(folded, dst)
 

@@ -94,6 +94,11 @@ def model_file(tmp_path):
     (["bench", "--engine", "{model}", "--batch", ""], "give at least one batch size"),
     (["bench", "--engine", "{model}", "--batch", "1,,8"], "empty entry"),
     (["bench", "--engine", "{model}", "--batch", "100000"], "100000 is outside 1..4096"),
+    (["bench", "--engine", "{model}", "--batch", "1_0"], "'1_0' is not a whole number"),         # int() reads 10
+    (["bench", "--engine", "{model}", "--batch", "\u0663"], "is not a whole number"),              # Arabic-Indic 3
+    (["triton", "{model}", "--repo", "r", "--preferred", "\u0663"], "is not a whole number"),
+    (["deepstream", "{model}", "--out", "d", "--person-class", "1_0"], "--person-class .* whole numbers"),
+    (["fold", "{model}", "--out", "f/a.txt"], "give --out a name ending in .onnx"),
     (["bench", "--engine", "{model}", "--iters", "0"], "--iters"),
     (["bench", "--engine", "{model}", "--iters", "-3"], "--iters"),
     (["bench", "--engine", "{model}", "--gallery-size", "-1"], "--gallery-size"),

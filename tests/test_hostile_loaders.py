@@ -135,6 +135,16 @@ def test_cuhk03_junk_or_damaged_split_file_is_one_sentence(tmp_path):
         load_cuhk03(root)
 
 
+def test_msmt17_list_file_with_a_byte_order_mark(tmp_path):
+    for folder in ("train", "test"):
+        (tmp_path / folder).mkdir()
+    for name in ("train", "query", "gallery"):   # Windows editors start UTF-8 files with U+FEFF
+        (tmp_path / f"list_{name}.txt").write_text("\ufeff0000/0000_000_01_0303morning_0015_0.jpg 0\n", encoding="utf-8")
+    data = load_msmt17(tmp_path)
+    assert data.train[0][0] == str(tmp_path / "train" / "0000" / "0000_000_01_0303morning_0015_0.jpg")
+    assert data.query[0][0].endswith("test/0000/0000_000_01_0303morning_0015_0.jpg")   # no U+FEFF in the path
+
+
 def test_msmt17_list_file_not_utf8_is_one_sentence(tmp_path):
     for folder in ("train", "test"):
         (tmp_path / folder).mkdir()

@@ -14,6 +14,7 @@ image on CPU), learning rates finite and > 0.
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -214,10 +215,9 @@ def batch_list(value: str) -> list[int]:
     for part in parts:
         if not part:
             raise typer.BadParameter(f"{value!r} has an empty entry; write sizes like 1,8,32")
-        try:
-            size = int(part)
-        except ValueError:
-            raise typer.BadParameter(f"{part!r} is not a whole number; write sizes like 1,8,32") from None
+        if not re.fullmatch(r"[+-]?[0-9]{1,9}", part):   # int() also takes "1_0" and non-ASCII digits
+            raise typer.BadParameter(f"{part!r} is not a whole number; write sizes like 1,8,32")
+        size = int(part)
         if not 1 <= size <= MAX_BATCH:
             raise typer.BadParameter(f"batch size {size} is outside 1..{MAX_BATCH}")
         if size not in sizes:

@@ -1,6 +1,7 @@
 """`han-edge fold | deepstream | triton`: a model's way into DeepStream and Triton Inference Server."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -50,10 +51,10 @@ def deepstream_command(
     """nvinfer secondary-GIE config + NvDCF tracker ReID section (DeepStream 9.2), all values from the model."""
     from han_edge.deepstream import DeepStreamOptions, write_configs
 
-    try:
-        classes = tuple(int(c) for c in person_class.split(",") if c.strip())
-    except ValueError:
-        raise HanEdgeError(f"--person-class {person_class!r} must be whole numbers separated by commas") from None
+    parts = [c.strip() for c in person_class.split(",") if c.strip()]
+    if not all(re.fullmatch(r"[0-9]{1,10}", c) for c in parts):   # int() also takes "1_0" and non-ASCII digits
+        raise HanEdgeError(f"--person-class {person_class!r} must be whole numbers separated by commas")
+    classes = tuple(int(c) for c in parts)
     if not classes or min(classes) < 0:
         raise HanEdgeError(f"--person-class {person_class!r} must list class ids >= 0")
     result = write_configs(model, out, DeepStreamOptions(
