@@ -26,10 +26,11 @@ import numpy as np
 
 from han_edge.errors import HanEdgeError
 from han_edge.paths import require_file
-from han_edge.validate import _describe, _host, _is_array, _names, _real, plain_array, reason
+from han_edge.validate import _describe, _names, _real, reason
+from han_edge.validate_arrays import _host, _is_array, plain_array
 
 MAX_BOXES_FILE = 256 * 2**20          # bytes; a boxes file larger than this is refused before reading
-_FRAME_KEY = re.compile(r"[0-9]+", re.ASCII)
+_FRAME_KEY = re.compile(r"[0-9]{1,18}", re.ASCII)   # int64; int() refuses > 4300 digits
 
 
 def boxes_array(obj, what: str = "boxes") -> np.ndarray:
@@ -123,7 +124,7 @@ def frame_keys(boxes: dict[str, np.ndarray], source: str = "boxes file") -> dict
     for key, value in boxes.items():
         text = str(key).strip()
         if not _FRAME_KEY.fullmatch(text):
-            raise HanEdgeError(f"{source}: key {key!r} is not a frame index (a whole number >= 0)")
+            raise HanEdgeError(f"{source}: key {str(key)[:40]!r} is not a frame index (a whole number from 0 to 18 digits)")
         index = int(text)
         if index in frames:
             raise HanEdgeError(f"{source}: frame {index} is given twice (keys {key!r} and another)")

@@ -34,7 +34,7 @@ import numpy as np
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes
-from han_edge.paths import as_path, check_destination, ensure_folder, require_file
+from han_edge.paths import as_path, check_destination, ensure_folder, not_the_input, require_file
 from han_edge.validate import INT32_MAX, MAX_BATCH, safe_text, whole_number
 
 DEEPSTREAM_VERSION = "9.2"
@@ -154,6 +154,8 @@ def write_configs(model: str | Path, out: str | Path, options: DeepStreamOptions
     infer_out, tracker_out = out / f"config_infer_secondary_{name}.txt", out / f"config_tracker_reid_{name}.yml"
     for path, what in ((target, "model copy"), (infer_out, "nvinfer config"), (tracker_out, "tracker config")):
         check_destination(path, what)            # all three before the first is replaced
+        if fold or path is not target:           # a copy onto the model itself is skipped below; a write is not
+            not_the_input(path, model, what)
 
     # The model DeepStream gets: folded when possible (exact pre-processing), copied beside the configs.
     if fold:

@@ -16,6 +16,7 @@ first QuantizeLinear, whose scale was calibrated on normalised input, so quantis
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from han_edge.config import FOLDED, NORMALIZATION_KEY, HANConfig, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.onnx_io import FOLD_SCALE, INPUT, load_onnx, onnx_metadata, save_onnx, set_metadata, validate_han_model
-from han_edge.paths import as_path
+from han_edge.paths import as_path, not_the_input
 
 COLOR_ORDER_KEY = "han_edge.color_order"
 _NORMALISED = "han_edge_fold/normalised"
@@ -106,6 +107,8 @@ def fold_file(src: str | Path, dst: str | Path | None = None) -> Path:
     dst = as_path(dst, "folded ONNX") if dst is not None else folded_name(src)
     if dst.suffix.lower() != ".onnx":
         raise HanEdgeError(f"the folded model is an ONNX file: give --out a name ending in .onnx, not {dst.name!r}")
+    if os.path.abspath(dst) != os.path.abspath(src):   # in place on purpose (fold_export), never through a link
+        not_the_input(dst, src, "folded ONNX")
     folded = fold_model(load_onnx(src))
     return save_onnx(folded, dst)
 

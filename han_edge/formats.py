@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ FORMATS: tuple[ModelFormat, ...] = (
 
 def format_of(source) -> ModelFormat:
     """The format of a model file or URI, or one sentence saying why none fits."""
+    if isinstance(source, bytes) or not isinstance(source, (str, os.PathLike)):
+        raise HanEdgeError(f"a model must be named by a str or Path (a file, or a grpc:// URI); got {source!r:.60}")
     text = str(source)
     for fmt in FORMATS:
         if fmt.is_uri and any(text.startswith(s) for s in fmt.suffixes):

@@ -18,7 +18,7 @@ import numpy as np
 from han_edge.errors import HanEdgeError
 from han_edge.paths import as_path, require_file
 from han_edge.indexes import Entries, VectorIndex
-from han_edge.validate import COSINE_MIN_NORM
+from han_edge.validate_arrays import COSINE_MIN_NORM
 
 FORMAT_VERSION = 2                 # 2 added per-entry timestamps
 METRICS = ("l2", "cosine")
@@ -88,7 +88,8 @@ class Gallery:
     # -- writing ---------------------------------------------------------------------------------------
     def add(self, ids, feats, cams=None, times=None) -> None:
         """Append features with their identity ids, camera ids (-1 unknown) and times (default: now)."""
-        from han_edge.validate import features_array, ids_array, real_number, times_array
+        from han_edge.validate import ids_array, real_number
+        from han_edge.validate_arrays import features_array, times_array
 
         feats = features_array(feats, self.dim, min_norm=self._min_norm)
         n = feats.shape[0]
@@ -139,7 +140,8 @@ class Gallery:
         skipped (a query camera of -1 excludes nothing); rows with fewer candidates than k are padded
         with id -1 and distance inf.
         """
-        from han_edge.validate import features_array, ids_array, positive_int
+        from han_edge.validate import ids_array, positive_int
+        from han_edge.validate_arrays import features_array
 
         k = positive_int(k, "k")
         if not isinstance(exclude_same_camera, (bool, np.bool_)):
@@ -171,7 +173,7 @@ class Gallery:
 
         from han_edge.arrays import to_numpy
         from han_edge.indexes import distances
-        from han_edge.validate import features_array
+        from han_edge.validate_arrays import features_array
 
         queries = to_numpy(features_array(queries, self.dim, "queries", self._min_norm))
         feats = self.entries().feats if feats is None else to_numpy(features_array(feats, self.dim, min_norm=self._min_norm))

@@ -34,9 +34,10 @@ from han_edge.fileio import write_json
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import check_exclusions
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
-from han_edge.paths import ensure_folder, folder_lock
+from han_edge.paths import check_destination, ensure_folder, folder_lock
 from han_edge.qdq_finetune import check_steps
-from han_edge.quantize import export_int8
+from han_edge.ort_quantize import CALIBRATION_METHODS
+from han_edge.quantize import INT8_FLAVOURS, export_int8
 
 
 # -- data the export job uses when none is given -------------------------------------------------------------
@@ -117,7 +118,9 @@ class ExportOptions:
                 value = getattr(self, name)
                 if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or not ok(value):
                     raise HanEdgeError(f"export option {name} must be {text}; got {value!r:.60}")
-        kind(("variant", "int8_target", "calibration"), str, "a string")
+        kind(("variant",), str, "a string")
+        kind(("int8_target",), str, f"one of {', '.join(INT8_FLAVOURS)}", lambda v: v in INT8_FLAVOURS)
+        kind(("calibration",), str, f"one of {', '.join(CALIBRATION_METHODS)}", lambda v: v in CALIBRATION_METHODS)
         kind(("checkpoint", "calib_dir"), (str, os.PathLike, type(None)), "a path or None", lambda v: v is None or str(v))
         kind(("out_dir",), (str, os.PathLike), "a path", lambda v: bool(str(v)))
         kind(("fp16", "int8"), bool, "True or False")
@@ -145,6 +148,10 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
     out = ensure_folder(options.out_dir, "export folder")
     with folder_lock(out, "export folder"):   # two exports into one folder would mix their files
         fp32_path = artefact_path(out, config.variant, "fp32")
+        planned = [fp32_path] + [artefact_path(out, config.variant, p) for p, wanted in (
+            ("fp16", options.fp16), ("int8" if options.int8_target == "tensorrt" else "int8-cpu", options.int8)) if wanted]
+        for path in planned:   # a folder, FIFO or read-only file there: refused before any work, named as the user gave it
+            check_destination(path, "export file")
         with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
             staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
             result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}

@@ -81,9 +81,13 @@ def folder_lock(folder: Path, what: str = "folder"):
 
 def as_path(value, what: str) -> Path:
     """A file name given to the API (``str`` or ``os.PathLike``, not empty, not bytes) as a ``Path``."""
-    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes) or not os.fspath(value):
+    try:
+        text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    except TypeError:      # a PathLike whose __fspath__ returns neither str nor bytes
+        text = None
+    if not isinstance(text, str) or not text:
         raise HanEdgeError(f"a {what} name must be a non-empty str or Path; got {value!r:.40}")
-    if "\0" in os.fspath(value):
+    if "\0" in text:
         raise HanEdgeError(f"{what} name {shown_path(value)!r} holds a NUL byte, which no file name can")
     return Path(value)
 
@@ -92,6 +96,17 @@ def shown_path(path, limit: int = 160) -> str:
     """``path`` for a message: a name over ``limit`` characters keeps its start and end (``...`` between)."""
     text = os.fspath(path)
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
+
+
+def not_the_input(out: Path, source: Path, what: str) -> None:
+    """Refuse an output that is the input file under another name (a symbolic or hard link to it)."""
+    try:
+        same = out.exists() and os.path.samefile(out, source)
+    except (OSError, ValueError):
+        return               # unreadable names: the write's own checks say why
+    if same:
+        raise HanEdgeError(f"{what} {shown_path(out)} is the input {shown_path(source)} under another name (a link); "
+                           "remove the link or write elsewhere")
 
 
 def require_file(path: Path, what: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from han_edge.errors import HanEdgeError
-from han_edge.validate import image_size
+from han_edge.validate_arrays import image_size
 
 
 def check_frame(frame) -> None:

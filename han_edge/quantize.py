@@ -36,6 +36,7 @@ from han_edge.errors import HanEdgeError
 from han_edge.evaluate import centred_cosine, clear_neighbour_agreement, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
+from han_edge.paths import as_path
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.int8_layers import (
     agreement_floor,
@@ -55,7 +56,8 @@ from han_edge.onnx_io import (
 )
 from han_edge.ort_quantize import CALIBRATION_METHODS, quantize
 from han_edge.qdq_finetune import check_steps, finetune_qdq
-from han_edge.validate import finite, real_number, reason
+from han_edge.validate import real_number, reason
+from han_edge.validate_arrays import finite
 
 
 @dataclass(frozen=True)
@@ -175,10 +177,10 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     """
     import onnx
 
-    fp32_path, path = Path(fp32_path), Path(path)
-    if flavour not in INT8_FLAVOURS:
+    fp32_path, path = as_path(fp32_path, "source ONNX"), as_path(path, "quantised ONNX")
+    if not isinstance(flavour, str) or flavour not in INT8_FLAVOURS:
         raise HanEdgeError(f"unknown INT8 target {flavour!r}; one of {', '.join(INT8_FLAVOURS)}")
-    if method not in CALIBRATION_METHODS:
+    if not isinstance(method, str) or method not in CALIBRATION_METHODS:
         raise HanEdgeError(f"unknown calibration method {method!r}; one of {', '.join(CALIBRATION_METHODS)}")
     if path.resolve() == fp32_path.resolve():
         raise HanEdgeError(f"the INT8 model would replace its FP32 source {fp32_path}; give another file name")

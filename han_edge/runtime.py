@@ -81,7 +81,7 @@ class Embedder:
         A host backend copies a frame of another library (a CuPy/torch frame from a GPU decoder) to the
         host explicitly, once; a device backend refuses a frame of another library or device.
         """
-        from han_edge.validate import _is_array, image
+        from han_edge.validate_arrays import _is_array, image
 
         if isinstance(frame, np.ndarray) or not _is_array(frame):
             image(frame, what)
@@ -116,7 +116,7 @@ class Embedder:
     def embed_batch(self, batch, on_device: bool = False):
         """Network input (N, 3, H, W) float32 (host, or the backend's device) -> features, max_batch at a time."""
         from han_edge.arrays import namespace
-        from han_edge.validate import finite
+        from han_edge.validate_arrays import finite
 
         expected = (3, *self.config.input_size)
         shape = tuple(getattr(batch, "shape", ()))
@@ -191,7 +191,7 @@ class Embedder:
         Each crop is resized on the host (OpenCV), the stack uploaded once per chunk and normalised
         on the device.
         """
-        from han_edge.validate import image, images
+        from han_edge.validate_arrays import image, images
 
         if not isinstance(crops, (list, tuple)):
             images(crops)                                    # one sentence naming what was given instead

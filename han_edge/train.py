@@ -15,12 +15,12 @@ from han_edge.checkpoint import checkpoint_config, load_checkpoint, save_checkpo
 from han_edge.config import HANConfig, get_config
 from han_edge.data import Item
 from han_edge.errors import HanEdgeError
+from han_edge.validate import MAX_BATCH, MIN_TRAIN_BATCH
 from han_edge.model import HAN
 from han_edge.preprocess import images_to_batch, load_image
 
 # Section 4: 300 epochs, lr x0.1 at 100, 200, 250 -> the same fractions of any epoch budget.
 MILESTONE_FRACTIONS = (1 / 3, 2 / 3, 5 / 6)
-MIN_BATCH = 2      # BatchNorm in training mode needs two images per batch (the loader drops a last batch of one)
 MAX_LR = 100.0     # far above any useful rate; beyond ~3e38 SGD's float32 update overflows with a traceback
 
 
@@ -51,7 +51,7 @@ class TrainOptions:
                 raise HanEdgeError(f"training option {name} must be a number {'above' if positive else 'from'} 0 "
                                    f"{'up ' if positive else ''}to {high:g}; got {value!r}")
         whole("epochs", 0, 100_000)
-        whole("batch_size", MIN_BATCH, 1 << 16)
+        whole("batch_size", MIN_TRAIN_BATCH, MAX_BATCH)
         whole("seed", 0, 2**32 - 1)
         whole("workers", 0, 1024)
         real("lr", True, MAX_LR)
@@ -145,12 +145,13 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
     if resume:
         state = load_checkpoint(resume)
         config = checkpoint_config(state, resume)
-        missing = [k for k in ("epoch", "optimizer", "scheduler", "loader_rng", "torch_rng") if k not in state]
+        missing = [k for k in ("epoch", "num_classes", "optimizer", "scheduler", "loader_rng", "torch_rng")
+                   if k not in state]
         if missing:
             raise HanEdgeError(f"checkpoint {resume} cannot be resumed: it holds no training state ({', '.join(missing)})")
         if variant is not None and config.variant != variant:
             raise HanEdgeError(f"checkpoint {resume} holds HAN({config.variant}), not HAN({variant})")
-        if state["num_classes"] != num_classes:
+        if isinstance(state["num_classes"], bool) or state["num_classes"] != num_classes:
             raise HanEdgeError(f"checkpoint {resume} was trained on {state['num_classes']} identities, "
                                f"this dataset has {num_classes}")
         model = HAN(config, num_classes)
@@ -177,6 +178,9 @@ def train(train_items: list[Item], num_classes: int, out: str | Path, variant: s
         start_epoch = state["epoch"]
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise HanEdgeError(f"checkpoint {resume} cannot be resumed: its epoch {start_epoch!r} is not a count")
+        if start_epoch >= options.epochs:   # nothing to train: say so, never "wrote" a file that was not written
+            raise HanEdgeError(f"checkpoint {resume} has trained {start_epoch} epochs, the whole --epochs "
+                               f"{options.epochs} budget; raise --epochs to train on")
     if len(train_items) < options.batch_size:
         raise HanEdgeError(f"only {len(train_items)} training images; need at least one batch of {options.batch_size}")
     loader = DataLoader(ReidImages(train_items, config, options), batch_size=options.batch_size, shuffle=True,

@@ -1,8 +1,7 @@
 """Input schemas at the boundary: what han-edge accepts from callers and files, and one sentence for the rest.
 
-The bottom layer: imports only NumPy, the error type and ``han_edge.arrays`` (array-API namespace and
-explicit device-to-host copies, itself bottom layer), so the runtime, the gallery, the pipeline and the
-CLI can all call it. Every function returns a clean value or raises ``HanEdgeError`` with one
+The bottom layer: imports only NumPy and the error type, so the runtime, the gallery, the pipeline and
+the CLI can all call it. Every function returns a clean value or raises ``HanEdgeError`` with one
 sentence naming the offending item (box index, id index, file key); none lets a raw ``ValueError``,
 ``TypeError`` or ``OverflowError`` through. Tested in ``tests/test_hostile_inputs.py`` (hypothesis).
 
@@ -14,14 +13,7 @@ Policies (the ambiguous cases, decided once):
   values beyond int64 are refused naming the index; the length must equal the number of features.
 - **Scalars** such as ``k`` or a dimension: a Python or NumPy integer >= 1; bools and floats
   (even ``5.0``) and strings are refused.
-- **Arrays of numbers** (network inputs, features, queries) must be finite: NaN or inf is refused naming
-  the rows, for NumPy and any array-API array (CuPy), rather than returning NaN features or id -1.
-  Features and queries are real (ints or floats; bools and complex refused, never cast) and must stay
-  finite in float32, squared norms included (``1e300`` in a float64 array is refused, not stored as inf).
-- **Times** (seconds) are real finite numbers, one per feature, 1-D; strings (even ``"1"``), bools,
-  NumPy dates/durations and integers too large for a float are refused naming the index.
-- **Images** (frames, crops): ``uint8`` ``H x W x 3`` arrays with H, W >= 1; ``None`` (a failed
-  ``cv2.imread``) is refused naming the crop.
+- **Arrays** (features, times, images): ``han_edge.validate_arrays``.
 """
 from __future__ import annotations
 
@@ -36,6 +28,7 @@ from han_edge.errors import HanEdgeError
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 INT32_MAX = 2**31 - 1   # DeepStream's config integers
 MAX_BATCH = 4096        # batch sizes anywhere (CLI options, engine profiles, serving configs)
+MIN_TRAIN_BATCH = 2     # BatchNorm in training mode needs two images per batch (the loader drops a last one)
 MAX_FEATURE_DIM = 1 << 16
 MAX_IMAGE_SIDE = 1 << 15           # pixels a frame or crop side may have (a 16K frame is 15360 x 8640)
 MAX_THREADS = 1024                 # intra-op threads (the CLI's --threads bound): ONNX Runtime hangs creating 10**6
@@ -75,7 +68,7 @@ def _describe(value) -> str:
         return f"a list of {len(value)}"
     if isinstance(value, np.ndarray):
         return f"an array of shape {value.shape}"
-    text = repr(value)
+    text = " ".join(repr(value).split())   # a tensor's repr spans lines: one sentence stays one line
     return text if len(text) <= 30 else text[:27] + "..."
 
 
@@ -188,125 +181,6 @@ def feature_dim(dim) -> int:
     return positive_int(dim, "the feature dimension", MAX_FEATURE_DIM)
 
 
-# -- arrays --------------------------------------------------------------------------------------------------
-def _namespace(array):
-    from han_edge.arrays import namespace
-
-    return namespace(array)
-
-
-def _host(array) -> np.ndarray:
-    from han_edge.arrays import to_numpy      # explicit device -> host copy (only to name bad rows)
-
-    return to_numpy(array)
-
-
-def plain_array(obj, what: str):
-    """A NumPy array subclass as a plain ``ndarray`` (``np.matrix`` keeps 2-D shapes through indexing and
-    makes ``*`` a matrix product); a masked array with masked values is refused, not read unmasked.
-    Anything else is returned as it is."""
-    if isinstance(obj, np.ndarray) and type(obj) is not np.ndarray:
-        if np.ma.is_masked(obj):
-            raise HanEdgeError(f"{what} is a masked array with masked values; fill or drop them first")
-        return np.asarray(obj)
-    return obj
-
-
-def finite(array, what: str = "array"):
-    """``array`` unchanged if every value is finite (NumPy or any array-API array), else one sentence naming rows."""
-    if not hasattr(array, "dtype") or not hasattr(array, "shape"):
-        raise HanEdgeError(f"{what} must be an array; got {_describe(array)}")
-    xp = _namespace(array)
-    if xp.isdtype(array.dtype, ("integral", "bool")):
-        return array
-    if not xp.isdtype(array.dtype, ("real floating", "complex floating")):
-        raise HanEdgeError(f"{what} must hold numbers; got {array.dtype}")
-    ok = xp.isfinite(array)
-    if bool(xp.all(ok)):
-        return array
-    if array.ndim >= 2:
-        rows = np.flatnonzero(~_host(xp.all(xp.reshape(ok, (array.shape[0], -1)), axis=1)))
-        where = f"row{'s' * (len(rows) > 1)} {_names(rows.tolist())}"
-    else:
-        where = f"position{'s' * (int((~_host(ok)).sum()) > 1)} {_names(np.flatnonzero(~_host(ok)).tolist())}"
-    raise HanEdgeError(f"{what}: NaN or infinite values in {where}")
-
-
-COSINE_MIN_NORM = 1e-5   # below it float32 cosine distances lose their meaning (|q|^2 |g|^2 underflows)
-
-
-def features_array(array, dim: int, what: str = "features", min_norm: float = 0.0):
-    """A ``(N, dim)`` float32 array of finite real numbers (NumPy or array-API, left on its device).
-
-    A 1-D vector is refused, not guessed to be one row; bools and complex numbers are refused (a cast
-    would drop the imaginary part); values that overflow float32 (``1e300`` in a float64 array) or rows
-    whose squared norm does (the distances would be inf or NaN) are refused naming the rows; so are rows
-    with a norm below ``min_norm`` (a cosine gallery passes ``COSINE_MIN_NORM``: a zero row has no direction).
-    """
-    array = plain_array(array, what)
-    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
-        given = array
-        try:   # no dtype here: a cast would read strings ("1.5") and Decimals as numbers
-            array = np.asarray(array)
-        except (TypeError, ValueError, OverflowError):
-            array = None
-        if array is None or array.dtype.kind not in "iuf":
-            kinds = {"U": "strings", "S": "strings", "O": "Python objects", "b": "booleans", "c": "complex numbers"}
-            held = "" if array is None or array.ndim == 0 else f" holding {kinds.get(array.dtype.kind, array.dtype)}"
-            raise HanEdgeError(f"{what} must be an (N, {dim}) array of numbers; got {_describe(given)}{held}")
-    if array.ndim != 2 or array.shape[1] != dim:
-        raise HanEdgeError(f"{what} must have shape (N, {dim}); got {tuple(array.shape)}")
-    xp = _namespace(array)
-    if not xp.isdtype(array.dtype, ("integral", "real floating")):
-        raise HanEdgeError(f"{what} must hold real numbers; got {array.dtype}")
-    finite(array, what)
-    with np.errstate(over="ignore", invalid="ignore"):          # overflow is what is checked here
-        if array.dtype != xp.float32:
-            array = xp.astype(array, xp.float32)
-            _rows_fit(xp, xp.all(xp.isfinite(array), axis=1), what, "values too large for float32")
-        if array.shape[0]:
-            squared = xp.sum(array * array, axis=1)
-            _rows_fit(xp, xp.isfinite(squared), what, "a squared norm too large for float32")
-            if min_norm > 0:
-                _rows_fit(xp, squared >= min_norm ** 2, what,
-                          f"a norm below {min_norm:g}, where the cosine distance is undefined")
-    return array
-
-
-def _rows_fit(xp, ok, what: str, problem: str) -> None:
-    if not bool(xp.all(ok)):
-        rows = np.flatnonzero(~_host(ok)).tolist()
-        raise HanEdgeError(f"{what}: row{'s' * (len(rows) > 1)} {_names(rows)} {'have' if len(rows) > 1 else 'has'} "
-                           f"{problem}")
-
-
-def times_array(times, n: int, what: str = "times") -> np.ndarray:
-    """Times in seconds as ``float64 (n,)``: real, finite numbers (ints or floats; bools and strings refused)."""
-    if times is None or isinstance(times, (str, bytes, dict, set, numbers.Number, np.generic)):
-        raise HanEdgeError(f"{what} must be a list or 1-D array of {n} numbers (seconds); got {_describe(times)}")
-    if _is_array(times) and not isinstance(times, np.ndarray):
-        times = _host(times)
-    if isinstance(times, np.ndarray) and times.dtype.kind in "iuf":
-        if times.ndim != 1:
-            raise HanEdgeError(f"{what} must be 1-D; got shape {times.shape}")
-        out = times.astype(np.float64)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            raise HanEdgeError(f"{what}: time {int(np.argmax(bad))} is not a finite number")
-    else:
-        try:
-            items = list(times)
-        except TypeError:
-            raise HanEdgeError(f"{what} must be a list or 1-D array of numbers (seconds); got {_describe(times)}") \
-                from None
-        out = np.empty(len(items), np.float64)
-        for i, value in enumerate(items):
-            out[i] = real_number(value, f"{what}: time {i}")
-    if len(out) != n:
-        raise HanEdgeError(f"{len(out)} {what} for {n} features; give one per feature")
-    return out
-
-
 def real_number(value, name: str) -> float:
     """A finite real number (Python or NumPy, not a bool or a string) as a float."""
     number = _real(value)
@@ -315,40 +189,3 @@ def real_number(value, name: str) -> float:
             raise HanEdgeError(f"{name} is too large; got an integer of {len(str(abs(int(value))))} digits")
         raise HanEdgeError(f"{name} must be a finite number; got {_describe(value)}")
     return number
-
-
-def _is_array(obj) -> bool:
-    """An array of some library (NumPy, CuPy, torch, array-API), not a Python container."""
-    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__array_namespace__") or \
-        hasattr(obj, "__dlpack__") or isinstance(obj, np.ndarray)
-
-
-def image(array, what: str = "frame") -> np.ndarray:
-    """A ``uint8`` ``H x W x 3`` (BGR) image; ``None`` is refused naming it (e.g. a failed ``cv2.imread``)."""
-    if array is None:
-        raise HanEdgeError(f"{what} is None (an image that failed to load?)")
-    array = plain_array(array, what)
-    if not isinstance(array, np.ndarray):
-        raise HanEdgeError(f"{what} must be a NumPy uint8 H x W x 3 image; got {_describe(array)}")
-    if array.dtype != np.uint8:
-        raise HanEdgeError(f"{what} must be uint8; got {array.dtype}")
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] < 1 or array.shape[1] < 1:
-        raise HanEdgeError(f"{what} must be H x W x 3 with H, W >= 1; got shape {array.shape}")
-    image_size(array.shape, what)
-    return array
-
-
-def image_size(shape, what: str = "frame") -> None:
-    """Refuse an image side above ``MAX_IMAGE_SIDE`` (OpenCV copies such a view whole, or crashes)."""
-    if max(shape[0], shape[1]) > MAX_IMAGE_SIDE:
-        raise HanEdgeError(f"{what} is {shape[1]} x {shape[0]} pixels; han-edge takes at most {MAX_IMAGE_SIDE} "
-                           f"on a side")
-
-
-def images(crops, what: str = "crop") -> list[np.ndarray]:
-    """A list of images (see ``image``), naming the index of a bad one."""
-    if isinstance(crops, np.ndarray) and crops.ndim == 4:
-        crops = list(crops)
-    if not isinstance(crops, (list, tuple)):
-        raise HanEdgeError(f"{what}s must be a list of uint8 H x W x 3 images; got {_describe(crops)}")
-    return [image(c, f"{what} {i}") for i, c in enumerate(crops)]

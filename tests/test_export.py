@@ -354,7 +354,9 @@ def test_clear_errors(tmp_path, synthetic_root):
                               ({"out_dir": ""}, "out_dir must be a path"), ({"checkpoint": 5}, "checkpoint must be a path"),
                               ({"int8_exclude": "stem"}, "int8_exclude must be a list"),   # not split into letters
                               ({"int8_min_agreement": float("nan")}, "int8_min_agreement must be a number from 0 to 1"),
-                              ({"fp16": 1}, "fp16 must be True or False"), ({"seed": -1}, "seed")]:
+                              ({"fp16": 1}, "fp16 must be True or False"), ({"seed": -1}, "seed"),
+                              ({"int8_target": "gpu"}, "int8_target must be one of tensorrt, cpu"),   # after the FP32 write
+                              ({"calibration": "max"}, "calibration must be one of percentile")]:
         with pytest.raises(HanEdgeError, match=f"export option {match}"):
             export_all(ExportOptions(**{"out_dir": str(tmp_path / "never"), **bad_option}))
     assert not (tmp_path / "never").exists()

@@ -391,3 +391,29 @@ def test_match_names_the_query_file_when_its_width_differs(tmp_path):
     result = CliRunner().invoke(app, ["match", "--gallery", str(tmp_path / "g.npz"), "--query", str(tmp_path / "q.npz")])
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "q.npz holds 8-D features and gallery" in text and "16-D" in text, text
+
+
+def test_outputs_that_link_to_the_input_model_are_refused(tmp_path, fresh_onnx):
+    from han_edge.deepstream import write_configs
+    from han_edge.fold import fold_file
+
+    model = tmp_path / "han_small.onnx"
+    model.write_bytes(fresh_onnx[1].read_bytes())
+    before = model.read_bytes()
+    (tmp_path / "han_small.folded.onnx").symlink_to("han_small.onnx")      # fold's default output name
+    refused("is the input .* under another name", fold_file, model)
+    (tmp_path / "ds").mkdir()
+    os.link(model, tmp_path / "ds" / "config_infer_secondary_han_small.txt")   # a hard link this time
+    refused("nvinfer config .* is the input", write_configs, model, tmp_path / "ds")
+    assert model.read_bytes() == before                                      # was replaced by the folded model
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_export_destinations_are_checked_before_any_work(tmp_path, kind):
+    from han_edge.jobs import ExportOptions, export_all
+
+    target = tmp_path / "han_small.onnx"
+    os.mkfifo(target) if kind == "fifo" else target.mkdir()    # a FIFO was replaced; a folder failed after the export
+    refused(f"export file {target} is a", export_all, ExportOptions(out_dir=str(tmp_path)), log=lambda *_: None)
+    assert (target.is_fifo() if kind == "fifo" else target.is_dir())
+    assert not list(tmp_path.glob(".han-edge-export-*"))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from han_edge import boxes as box_schema
-from han_edge import validate
+from han_edge import validate, validate_arrays
 from han_edge.config import HANConfig, config_from_metadata, get_config, model_metadata
 from han_edge.errors import HanEdgeError
 
@@ -151,6 +151,7 @@ def test_boxes_for_images_and_frames_that_do_not_exist():
     assert frames == {0: 1, 7: 2, 12: 3}
     refused("key 'first' is not a frame index", box_schema.frame_keys, {"first": 1})
     refused("key '-1' is not a frame index", box_schema.frame_keys, {"-1": 1})
+    refused("key '1111111111.* is not a frame index", box_schema.frame_keys, {"1" * 5000: 1})   # int(): ValueError
     refused("frame 7 is given twice", box_schema.frame_keys, {"7": 1, "07": 2})
     box_schema.missing_frames([0, 9], 10)
     refused("boxes for frames 10, 300 but the video has 10 frames", box_schema.missing_frames, [3, 10, 300], 10)
@@ -213,21 +214,21 @@ def test_good_scalars():
 def test_finite_names_exactly_the_bad_rows(array):
     bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
     if len(bad) == 0:
-        assert validate.finite(array, "features") is array
+        assert validate_arrays.finite(array, "features") is array
         return
-    message = refused("NaN or infinite", validate.finite, array, "query features")
+    message = refused("NaN or infinite", validate_arrays.finite, array, "query features")
     named = [int(n) for n in re.findall(r"\d+", message.split(" in row")[1].split(" and ")[0])]
     assert named == bad[:5].tolist()
 
 
 def test_finite_and_features():
-    assert validate.finite(np.arange(4), "ids").dtype.kind == "i"
-    refused("must hold numbers", validate.finite, np.array(["a"]), "x")
-    refused("must be an array", validate.finite, [1.0, float("nan")], "x")
-    refused(r"must have shape \(N, 8\); got \(8,\)", validate.features_array, np.zeros(8, np.float32), 8)
-    refused(r"query: NaN or infinite values in row 1", validate.features_array,
+    assert validate_arrays.finite(np.arange(4), "ids").dtype.kind == "i"
+    refused("must hold numbers", validate_arrays.finite, np.array(["a"]), "x")
+    refused("must be an array", validate_arrays.finite, [1.0, float("nan")], "x")
+    refused(r"must have shape \(N, 8\); got \(8,\)", validate_arrays.features_array, np.zeros(8, np.float32), 8)
+    refused(r"query: NaN or infinite values in row 1", validate_arrays.features_array,
             np.array([[0.0] * 4, [np.inf] * 4]), 4, "query")
-    assert validate.features_array([[1, 2]], 2).shape == (1, 2)
+    assert validate_arrays.features_array([[1, 2]], 2).shape == (1, 2)
 
 
 @pytest.mark.parametrize("crop, match", [
@@ -238,7 +239,7 @@ def test_finite_and_features():
     ("img.jpg", "crop 1 must be a NumPy uint8"),
 ])
 def test_bad_crops(crop, match):
-    refused(match, validate.images, [np.zeros((4, 4, 3), np.uint8), crop])
+    refused(match, validate_arrays.images, [np.zeros((4, 4, 3), np.uint8), crop])
 
 
 # -- unsafe advice never passed on ---------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def test_model_paths_that_are_not_models(tmp_path, fresh_onnx):
     refused("is a directory", Embedder, tmp_path)
     refused("not found", Embedder, tmp_path / "missing.onnx")
     refused("cannot tell the format", Embedder, tmp_path / "notes.txt")
-    refused("cannot tell the format", Embedder, None)
+    refused("a model must be named by a str or Path .* got None", Embedder, None)
+    refused("named by a str or Path .* got b'", Embedder, bytes(fresh_onnx[1]))       # was "format of ...onnx'"
     refused("cannot load", Embedder, tmp_path / "garbage.onnx")
     refused("cannot load", Embedder, tmp_path / "empty.onnx")
 
@@ -348,6 +349,7 @@ def _same(a, b):
     (([1], np.ones((1, 8), complex)), "features must hold real numbers; got complex128"),      # was: imaginary dropped
     (([1], np.full((1, 8), 1e300)), "row 0 has values too large for float32"),                  # was: stored as inf
     (([1], np.full((1, 8), 1e20, np.float32)), "row 0 has a squared norm too large for float32"),  # distances inf/NaN
+    (([1], np.full((1, 1), 1.8e19, np.float32) * np.eye(1, 8, dtype=np.float32)), "too large for float32 distances"),
     (([1], np.ones((1, 9))), "got \\(1, 9\\)"),
     (([1, 2], [[1.0] * 8, [1.0] * 7]), "features must be an \\(N, 8\\) array"),
     (([1], None), "features must be an \\(N, 8\\) array of numbers; got None"),

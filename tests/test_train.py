@@ -29,6 +29,15 @@ def test_resume_continues_exactly(tmp_path, synthetic_root):
     b = load_checkpoint(tmp_path / "first.pt")["state_dict"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    before = (tmp_path / "first.pt").read_bytes()
+    with pytest.raises(HanEdgeError, match="has trained 2 epochs, the whole --epochs 2 budget"):   # was "wrote", unwritten
+        train(items, classes, tmp_path / "again.pt", options=options, resume=tmp_path / "first.pt")
+    assert not (tmp_path / "again.pt").exists() and (tmp_path / "first.pt").read_bytes() == before
+    state = load_checkpoint(tmp_path / "first.pt")
+    del state["num_classes"]
+    torch.save(state, tmp_path / "nonc.pt")
+    with pytest.raises(HanEdgeError, match=r"cannot be resumed: it holds no training state \(num_classes\)"):   # KeyError
+        train(items, classes, tmp_path / "again.pt", options=TrainOptions(epochs=3), resume=tmp_path / "nonc.pt")
 
 
 def test_schedule_matches_section4_fractions():

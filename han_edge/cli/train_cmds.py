@@ -9,6 +9,7 @@ from rich.table import Table
 
 from han_edge.cli.common import (MAX_BATCH, app, console, finite_positive, model_source, output_file, output_folder, progress_bar,
                                  write_json)
+from han_edge.validate import MIN_TRAIN_BATCH
 
 Dataset = Literal["synthetic", "market1501", "dukemtmc", "msmt17", "cuhk03", "cuhk03-detected", "imagefolder"]
 Variant = Literal["small", "medium", "large"]
@@ -21,7 +22,7 @@ def train(
     root: Optional[Path] = typer.Option(None, help="dataset folder (synthetic: where to generate it; default data/synthetic)"),
     variant: Optional[Variant] = typer.Option(None, help="small, medium or large (Table 1); default small, or the --resume checkpoint's"),
     epochs: int = typer.Option(12, min=0, max=100_000, help="epoch budget; lr milestones at 1/3, 2/3, 5/6 of it (paper: 300); 0 writes the untrained baseline"),
-    batch_size: int = typer.Option(32, min=1, max=MAX_BATCH, help="images per SGD step (at least 2: BatchNorm)"),
+    batch_size: int = typer.Option(32, min=MIN_TRAIN_BATCH, max=MAX_BATCH, help="images per SGD step (at least 2: BatchNorm)"),
     lr: float = typer.Option(3e-2, callback=finite_positive, help="SGD learning rate (above 0, at most 100)"),
     flip: bool = typer.Option(False, help="random horizontal flip"),
     random_erasing: bool = typer.Option(False, help="random erasing (the paper's RE rows)"),
