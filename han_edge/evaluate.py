@@ -11,6 +11,7 @@ import numpy as np
 from scipy import sparse
 
 from han_edge.errors import HanEdgeError
+from han_edge.validate import whole_number
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
@@ -22,13 +23,19 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     counted. Ties are broken by gallery order (stable sort).
     """
     distmat = np.asarray(distmat)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_camids, g_camids = np.asarray(q_camids), np.asarray(g_camids)
+    q_pids, g_pids = np.atleast_1d(np.asarray(q_pids)), np.atleast_1d(np.asarray(g_pids))
+    q_camids, g_camids = np.atleast_1d(np.asarray(q_camids)), np.atleast_1d(np.asarray(g_camids))
+    if distmat.ndim != 2 or distmat.dtype.kind not in "iuf":
+        raise HanEdgeError(f"distmat must be a (queries, gallery) array of real numbers; got {distmat.dtype} "
+                           f"{distmat.shape}")
     num_q, num_g = distmat.shape
     if num_q == 0 or num_g == 0:
         raise HanEdgeError(f"cannot evaluate an empty distance matrix of shape {distmat.shape}")
+    if np.isnan(distmat).any():   # argsort puts NaN last: a silently wrong ranking
+        raise HanEdgeError(f"distmat holds NaN distances for {int(np.isnan(distmat).any(1).sum())} queries")
     if len(q_pids) != num_q or len(q_camids) != num_q or len(g_pids) != num_g or len(g_camids) != num_g:
         raise HanEdgeError("pid/camera arrays do not match the distance matrix shape")
+    max_rank, chunk = whole_number(max_rank, "max_rank", 1), whole_number(chunk, "chunk", 1)
     max_rank = min(max_rank, num_g)
     cmc_hits = np.zeros(max_rank, np.float64)
     aps, first_ranks = [], []

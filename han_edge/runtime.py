@@ -50,7 +50,7 @@ class Embedder:
 
     @property
     def name(self) -> str:
-        return self.backend.name
+        return self.source if self.backend is None else self.backend.name
 
     @property
     def placement(self) -> tuple:
@@ -101,8 +101,22 @@ class Embedder:
             return crop_batch_host(frame, boxes, self.config.input_size, self.norm)
         return crop_batch(self.xp, frame, boxes, self.config.input_size, self.norm)
 
+    def close(self) -> None:
+        """Release the backend (engine, session, device buffers, connection); the Embedder then refuses work."""
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> "Embedder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _infer(self, batch):
         """One chunk (<= max_batch) through the backend, padded to a size its profile runs."""
+        if self.backend is None:
+            raise HanEdgeError(f"this Embedder of {self.source} is closed; open a new one")
         n = batch.shape[0]
         size = self.backend.padded_size(n)
         if size > n:
@@ -212,6 +226,8 @@ class Embedder:
         from han_edge.validate import positive_int
 
         chunk = positive_int(chunk, "chunk")
+        if progress is not None and not callable(progress):
+            raise HanEdgeError(f"progress must be a function taking the images done, or None; got {_describe(progress)}")
         if not isinstance(paths, (list, tuple)):
             raise HanEdgeError(f"paths must be a list of image file names; got {_describe(paths)}")
         for i, p in enumerate(paths):

@@ -150,3 +150,16 @@ def test_clear_neighbour_agreement_ignores_near_ties_but_not_moved_clear_neighbo
     # all ties: nothing to score
     agreement, share = clear_neighbour_agreement(np.ones((4, 3)), np.ones((4, 3)))
     assert share == 0 and np.isnan(agreement)
+
+
+def test_evaluate_rank_refuses_what_it_cannot_rank():
+    q, g = ([1], [0]), ([1, 2], [1, 1])
+    for distmat, match in [(np.zeros(2), "distmat must be a \\(queries, gallery\\) array"), (None, "array of real numbers"),
+                           (np.zeros((1, 2), complex), "real numbers"),
+                           (np.array([[np.nan, 1.0]]), "NaN distances for 1 queries")]:   # NaN sorted last: silently scored
+        with pytest.raises(HanEdgeError, match=match):
+            evaluate_rank(distmat, q[0], g[0], q[1], g[1])
+    for kwargs in ({"max_rank": 0}, {"max_rank": -1}, {"chunk": 0}):   # IndexError / ValueError before
+        with pytest.raises(HanEdgeError, match="must be a whole number >= 1"):
+            evaluate_rank(np.zeros((1, 2)), q[0], g[0], q[1], g[1], **kwargs)
+    assert evaluate_rank(np.array([[0.1, 0.5]]), 1, [1, 2], 0, [1, 1])["rank1"] == 1.0   # scalars for one query

@@ -661,3 +661,13 @@ def test_one_writer_four_readers_for_two_seconds(index):
             t.join()
     assert not errors, errors[:3]
     assert searches[0] > 20 and step > 20
+
+
+def test_a_closed_embedder_refuses_work(fresh_onnx):
+    frame = np.zeros((100, 60, 3), np.uint8)
+    with Embedder(fresh_onnx[1]) as emb:                     # was: no close(), no context manager
+        assert emb.embed_frame(frame, [[0, 0, 30, 80]]).shape == (1, 1024)
+    for call in (lambda: emb.embed_frame(frame, [[0, 0, 30, 80]]), lambda: emb.embed_crops([frame]),
+                 lambda: emb.embed_batch(np.zeros((1, 3, 160, 64), np.float32))):
+        refused("this Embedder of .* is closed", call)
+    emb.close()                                               # twice: nothing to release
