@@ -8,7 +8,7 @@ from pathlib import Path
 from common import write_result
 from han_edge.bench import run_bench
 from han_edge.exporter import export_fp32, load_batch
-from han_edge.jobs import calibration_paths, heldout_paths, load_torch_model
+from han_edge.job_data import calibration_paths, heldout_paths, load_torch_model
 from han_edge.quantize import export_int8
 
 

@@ -159,7 +159,7 @@ def test_heldout_crops_are_people_outside_the_synthetic_set(tmp_path):
 
 
 def test_export_analysis_and_report_crops_are_disjoint_and_unseen(synthetic_root):
-    from han_edge.jobs import calibration_paths, heldout_paths
+    from han_edge.job_data import calibration_paths, heldout_paths
 
     analysis, report = heldout_paths(), heldout_paths(offset=1)
     assert len(analysis) == len(report) == 512 and not set(analysis) & set(report)
