@@ -51,7 +51,7 @@ def relabel(items: list[Item]) -> list[Item]:
 
 
 # -- Market-1501 and DukeMTMC-reID: <pid>_c<cam>..., pid -1 junk (dropped), 0 distractor -------
-_PID_CAM = re.compile(r"^(-?\d+)_c(\d+)")
+_PID_CAM = re.compile(r"^(-?\d+)_c(\d+)", re.ASCII)   # Market names; not other scripts' digits
 
 
 def _parse_pid_cam_folder(folder: Path, dataset: str, keep_distractors: bool) -> list[Item]:
@@ -212,7 +212,7 @@ def load_cuhk03(root: str | Path, labeled: bool = True) -> ReidData:
 def load_image_folder(root: str | Path) -> ReidData:
     """Generic layout: {train,query,gallery}/<pid>/<name containing c<cam>>.<ext>."""
     root = _require_dir(Path(root), "imagefolder")
-    cam_re = re.compile(r"c(\d+)")
+    cam_re = re.compile(r"c(\d+)", re.ASCII)
 
     def split(name: str) -> list[Item]:
         folder = _require_dir(root / name, "imagefolder")

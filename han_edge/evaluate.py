@@ -12,6 +12,7 @@ from scipy import sparse
 
 from han_edge.errors import HanEdgeError
 from han_edge.validate import whole_number
+from han_edge.validate_arrays import features_array
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
@@ -31,8 +32,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     num_q, num_g = distmat.shape
     if num_q == 0 or num_g == 0:
         raise HanEdgeError(f"cannot evaluate an empty distance matrix of shape {distmat.shape}")
-    if np.isnan(distmat).any():   # argsort puts NaN last: a silently wrong ranking
-        raise HanEdgeError(f"distmat holds NaN distances for {int(np.isnan(distmat).any(1).sum())} queries")
+    bad = ~np.isfinite(distmat).all(1)   # argsort puts NaN last and ties inf: a silently wrong ranking
+    if bad.any():
+        raise HanEdgeError(f"distmat holds NaN or infinite distances for {int(bad.sum())} queries (features too "
+                           "large, or not numbers)")
     if len(q_pids) != num_q or len(q_camids) != num_q or len(g_pids) != num_g or len(g_camids) != num_g:
         raise HanEdgeError("pid/camera arrays do not match the distance matrix shape")
     max_rank, chunk = whole_number(max_rank, "max_rank", 1), whole_number(chunk, "chunk", 1)
@@ -168,10 +171,21 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
 
 def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, rerank: bool = False) -> dict:
     """Squared-Euclidean ranking (the ordering of the paper's L2 distance), optionally re-ranked."""
+    q_feats, g_feats = _features(q_feats, "query"), _features(g_feats, "gallery")
+    if q_feats.shape[1] != g_feats.shape[1]:
+        raise HanEdgeError(f"query features are {q_feats.shape[1]}-D and gallery features {g_feats.shape[1]}-D")
     q_g = euclidean_squared(q_feats, g_feats)
     if rerank:
         q_g = re_ranking(q_g, euclidean_squared(q_feats, q_feats), euclidean_squared(g_feats, g_feats))
     return evaluate_rank(q_g, q_pids, g_pids, q_camids, g_camids)
+
+
+def _features(feats, which: str) -> np.ndarray:
+    """Real, finite (N, D) features whose float32 distances stay finite (``validate_arrays.features_array``)."""
+    array = feats if hasattr(feats, "shape") else np.asarray(feats)
+    if array.ndim != 2:
+        raise HanEdgeError(f"{which} features must be an (N, D) array; got shape {tuple(array.shape)}")
+    return np.asarray(features_array(array, array.shape[1], f"{which} features"))
 
 
 # -- agreement of two feature sets for the same images (quantised vs reference) ------------------------

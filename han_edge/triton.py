@@ -139,7 +139,7 @@ class RepoOptions:
             for size in self.preferred:
                 whole_number(size, "a preferred batch size", 1, MAX_BATCH)
         whole_number(self.queue_delay_us, "queue_delay_us", 0, 10_000_000)
-        if self.instance_kind not in INSTANCE_KINDS:
+        if not isinstance(self.instance_kind, str) or self.instance_kind not in INSTANCE_KINDS:
             raise HanEdgeError(f"instance_kind must be one of {', '.join(INSTANCE_KINDS)}; got {self.instance_kind!r:.40}")
         whole_number(self.instances, "instances", 1, 64)
         return self

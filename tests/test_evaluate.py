@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from han_edge.errors import HanEdgeError
-from han_edge.evaluate import euclidean_squared, evaluate_rank, multi_query_features, re_ranking
+from han_edge.evaluate import euclidean_squared, evaluate_features, evaluate_rank, multi_query_features, re_ranking
 
 
 def slow_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
@@ -156,10 +156,24 @@ def test_evaluate_rank_refuses_what_it_cannot_rank():
     q, g = ([1], [0]), ([1, 2], [1, 1])
     for distmat, match in [(np.zeros(2), "distmat must be a \\(queries, gallery\\) array"), (None, "array of real numbers"),
                            (np.zeros((1, 2), complex), "real numbers"),
-                           (np.array([[np.nan, 1.0]]), "NaN distances for 1 queries")]:   # NaN sorted last: silently scored
+                           (np.array([[np.nan, 1.0]]), "NaN or infinite distances for 1 queries"),
+                           (np.full((1, 2), np.inf), "NaN or infinite distances")]:   # NaN sorted last: silently scored
         with pytest.raises(HanEdgeError, match=match):
             evaluate_rank(distmat, q[0], g[0], q[1], g[1])
     for kwargs in ({"max_rank": 0}, {"max_rank": -1}, {"chunk": 0}):   # IndexError / ValueError before
         with pytest.raises(HanEdgeError, match="must be a whole number >= 1"):
             evaluate_rank(np.zeros((1, 2)), q[0], g[0], q[1], g[1], **kwargs)
     assert evaluate_rank(np.array([[0.1, 0.5]]), 1, [1, 2], 0, [1, 1])["rank1"] == 1.0   # scalars for one query
+
+
+def test_evaluate_features_refuses_what_would_rank_silently_wrong():
+    rng = np.random.default_rng(0)
+    q, g = rng.normal(size=(2, 8)).astype(np.float32), rng.normal(size=(3, 8)).astype(np.float32)
+    ids = ([1, 2], [1, 2, 3], [0, 0], [1, 1, 1])
+    for qf, gf, match in [(q * 1e30, g, "too large for float32"),              # distances overflowed to inf: gallery order
+                          (q + 1000j * q, g, "must hold real numbers"),        # the imaginary part was dropped
+                          (q, g[:, :5], "query features are 8-D and gallery features 5-D"),
+                          (q[0], g, "query features must be an \\(N, D\\) array"), ([["a"] * 8] * 2, g, "real numbers")]:
+        with pytest.raises(HanEdgeError, match=match):
+            evaluate_features(qf, gf, *ids)
+    assert evaluate_features(q, g, *ids)["num_query"] == 2

@@ -495,3 +495,20 @@ def test_demo_does_not_overwrite_a_folder_it_did_not_make(tmp_path):
     refused(["demo", "--epochs", "0", "--workdir", workdir], "already holds files the demo did not write")
     assert (workdir / "han_small.pt").read_bytes() == b"my trained checkpoint"
     assert sorted(p.name for p in workdir.iterdir()) == ["han_small.pt"]
+
+
+def test_an_output_over_an_image_of_an_input_folder_is_refused(tmp_path, fresh_onnx):
+    import cv2
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(images / f"0001_c1s1_00000{i}_00.jpg"), np.full((64, 32, 3), 40 * i, np.uint8))
+    victim = images / "0001_c1s1_000000_00.jpg"
+    before = victim.read_bytes()
+    refused(["embed", "--engine", fresh_onnx[1], "--images", images, "--out", victim],      # was: exit 0, JPEG -> npz
+            "--out .* is a file inside the --images input folder")
+    assert victim.read_bytes() == before
+    result = runner.invoke(app, ["embed", "--engine", str(fresh_onnx[1]), "--images", str(images),
+                                 "--out", str(images / "features.npz")])                 # a new file beside them: fine
+    assert result.exit_code == 0, result.output

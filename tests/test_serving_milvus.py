@@ -342,4 +342,15 @@ def test_cli_match_reads_a_milvus_gallery_and_never_creates_one(tmp_path):
                                           str(tmp_path / "q.npz")])
         assert result.exit_code == 2 and re.search(match, " ".join(result.output.split())), result.output
     assert not (tmp_path / "new.db").exists()                                   # was created, empty
+    stored = Gallery(8, index="milvus", uri=str(tmp_path / "g.db"))
+    try:
+        stored.add([1], np.ones((1, 8), np.float32))
+    finally:
+        stored.backend.close()
+    inside = next(p for p in (tmp_path / "g.db").rglob("*") if p.is_file())
+    before = inside.read_bytes()
+    result = CliRunner().invoke(app, ["match", "--gallery", f"milvus:{tmp_path / 'g.db'}", "--query", str(tmp_path / "q.npz"),
+                                      "--json", str(inside)])                 # was: the store's manifest became JSON
+    assert result.exit_code == 2 and "is a file inside the --gallery input folder" in " ".join(result.output.split())
+    assert inside.read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "photos.db").iterdir()) == ["notes.txt", "sub"]   # was written into
