@@ -2,8 +2,8 @@
 
 ``export_all`` (`han-edge export`), ``evaluate_model`` (`han-edge eval`), ``compare_retrieval`` and
 ``run_demo`` (`han-edge demo`). Stages never import this module, so the import graph has one
-direction: jobs -> {train, exporter, quantize, engine, runtime, gallery, evaluate} -> {config,
-fileio, onnx_io, preprocess}.
+direction: jobs -> {job_data, train, exporter, quantize, engine, runtime, gallery, evaluate} -> {config,
+paths, fileio, onnx_io, preprocess}.
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from han_edge.exporter import (
 from han_edge.fileio import write_json
 from han_edge.formats import artefact_path
 from han_edge.int8_layers import check_exclusions
-from han_edge.onnx_io import load_onnx, ort_session, run_ort
-from han_edge.paths import check_destination, ensure_folder, folder_lock
 from han_edge.job_data import calibration_paths, heldout_paths, load_torch_model
+from han_edge.onnx_io import load_onnx, ort_session, run_ort
 from han_edge.ort_quantize import CALIBRATION_METHODS
+from han_edge.paths import check_destination, ensure_folder, folder_lock
 from han_edge.qdq_finetune import check_steps
 from han_edge.quantize import INT8_FLAVOURS, export_int8
 
