@@ -51,6 +51,7 @@ def relabel(items: list[Item]) -> list[Item]:
 
 
 # -- Market-1501 and DukeMTMC-reID: <pid>_c<cam>..., pid -1 junk (dropped), 0 distractor -------
+_ASCII_INT = re.compile(r"-?[0-9]{1,18}")
 _PID_CAM = re.compile(r"^(-?\d+)_c(\d+)", re.ASCII)   # Market names; not other scripts' digits
 
 
@@ -101,8 +102,10 @@ def load_msmt17(root: str | Path) -> ReidData:
                 continue
             parts = line.split()
             try:
-                rel, pid = parts[0], int(parts[1])
-                cam = int(Path(rel).name.split("_")[2]) - 1   # 0000_000_01_0303morning_0015_0.jpg
+                rel, pid_text, cam_text = parts[0], parts[1], Path(parts[0]).name.split("_")[2]
+                if not (_ASCII_INT.fullmatch(pid_text) and _ASCII_INT.fullmatch(cam_text)):   # int() reads "1_000"
+                    raise ValueError
+                pid, cam = int(pid_text), int(cam_text) - 1   # 0000_000_01_0303morning_0015_0.jpg
             except (IndexError, ValueError):
                 raise HanEdgeError(f"msmt17: cannot parse line {n} of {list_path}: {line!r}") from None
             items.append((str(root / folder / rel), pid, cam))

@@ -108,3 +108,16 @@ def engine_name(variant: str, precision: str) -> str:
 def engine_name_for(onnx_path: str | Path) -> str:
     """The engine file name `han-edge build` writes for an ONNX file (same stem, .plan)."""
     return Path(onnx_path).name.removesuffix(".onnx") + ".plan"
+
+
+def model_digest(source) -> str:
+    """What identifies one model across reports: the SHA-256 of a model file, or a URI as given (a served model)."""
+    import hashlib
+
+    if format_of(source).is_uri:
+        return str(source)
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -31,14 +31,14 @@ from han_edge.exporter import (
     torch_features,
 )
 from han_edge.fileio import write_json
-from han_edge.formats import artefact_path
+from han_edge.formats import artefact_path, model_digest
 from han_edge.int8_layers import check_exclusions
 from han_edge.job_data import calibration_paths, heldout_paths, load_torch_model
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
 from han_edge.ort_quantize import CALIBRATION_METHODS
-from han_edge.paths import check_destination, ensure_folder, folder_lock
+from han_edge.paths import check_destination, ensure_folder, folder_lock, not_the_input
 from han_edge.qdq_finetune import check_steps
-from han_edge.quantize import INT8_FLAVOURS, export_int8
+from han_edge.quantize import INT8_FLAVOURS, calibration_cache_paths, export_int8
 
 
 # -- `han-edge export` ----------------------------------------------------------------------------------------
@@ -99,8 +99,12 @@ def export_all(options: ExportOptions, log=print, progress=None) -> dict:
         fp32_path = artefact_path(out, config.variant, "fp32")
         planned = [fp32_path] + [artefact_path(out, config.variant, p) for p, wanted in (
             ("fp16", options.fp16), ("int8" if options.int8_target == "tensorrt" else "int8-cpu", options.int8)) if wanted]
+        if options.int8:
+            planned += calibration_cache_paths(planned[-1])
         for path in planned:   # a folder, FIFO or read-only file there: refused before any work, named as the user gave it
             check_destination(path, "export file")
+            if options.checkpoint:   # a link in the folder to the checkpoint: the write would go through it
+                not_the_input(path, Path(options.checkpoint), "export file")
         with tempfile.TemporaryDirectory(dir=out, prefix=".han-edge-export-") as staging:
             staged = export_fp32(model, config, Path(staging) / fp32_path.name)   # the old file stays until all checks pass
             result = {"source": source, "fp32": str(fp32_path), "parity": parity(model, staged, held[:32])}
@@ -173,7 +177,8 @@ def evaluate_model(model_path, data, rerank: bool = False, multi_query: bool = F
         q_feats = multi_query_features(q_feats, q_pids, q_cams)
     result = evaluate_features(q_feats, g_feats, q_pids, g_pids, q_cams, g_cams, rerank=rerank)
     result.update({"backend": embedder.name, "precision": embedder.precision, "variant": embedder.config.variant,
-                   "rerank": rerank, "multi_query": multi_query, "dataset": data.name})
+                   "rerank": rerank, "multi_query": multi_query, "dataset": data.name, "model": str(model_path),
+                   "model_digest": model_digest(model_path)})
     return result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from han_edge.config import VARIANTS, get_config
+from han_edge.formats import model_digest
 
 
 def count_cost(variant: str) -> dict:
@@ -76,8 +77,8 @@ def cost_table(models, batch: int = 32, iters: int = 10, eval_result: dict | Non
         variant = speed["variant"]
         if variant not in costs:
             costs[variant] = count_cost(variant)
-        rank1 = None
-        if eval_result and eval_result.get("variant") == variant and eval_result.get("precision") == speed["precision"]:
+        rank1 = None   # only for the very file the eval report scored (other weights of the same variant differ)
+        if eval_result and eval_result.get("model_digest") == model_digest(path):
             rank1 = eval_result.get("rank1")
         rows.append({"model": str(path), **speed, "macs": costs[variant]["macs"],
                      "params": costs[variant]["params"], "rank1": rank1})

@@ -107,6 +107,12 @@ def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> d
     return scores
 
 
+def calibration_cache_paths(int8_path: Path) -> tuple[Path, Path]:
+    """The calibration cache and its key file written beside an INT8 model (``<stem>.calib.json``/``.calib.key``)."""
+    cache = int8_path.with_name(int8_path.name.removesuffix(".onnx") + ".calib.json")
+    return cache, cache.with_suffix(".key")
+
+
 def _calibration_key(source_model, calib_batch: np.ndarray, method: str, flavour: Int8Flavour) -> str:
     """Digest of what the ranges depend on: the graph calibrated (the equalised one), images, method, flavour."""
     digest = hashlib.sha256(source_model.SerializeToString())
@@ -200,8 +206,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
                                ("report images", heldout_batch if report_batch is None else report_batch, 2)):
         _check_batch(batch, config.input_size, what, least)
     groups = check_exclusions(fp32_model, exclude or [])
-    cache = path.with_name(path.name.removesuffix(".onnx") + ".calib.json")
-    key_file = cache.with_suffix(".key")
+    cache, key_file = calibration_cache_paths(path)
     equalized, equalized_pairs = equalize_conv_inputs(fp32_model, calib_batch)
     key = _calibration_key(equalized, calib_batch, method, spec)
     # the key file also holds the cache's own digest: a cache edited, damaged or paired with another run's

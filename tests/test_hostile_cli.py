@@ -99,6 +99,7 @@ def model_file(tmp_path):
     (["triton", "{model}", "--repo", "r", "--preferred", "\u0663"], "is not a whole number"),
     (["deepstream", "{model}", "--out", "d", "--person-class", "1_0"], "--person-class .* whole numbers"),
     (["fold", "{model}", "--out", "f/a.txt"], "give --out a name ending in .onnx"),
+    (["export", "--target", "cpu", "--int8-exclude", "stem"], "--target, --int8-exclude only apply with --int8"),
     (["bench", "--engine", "{model}", "--iters", "0"], "--iters"),
     (["bench", "--engine", "{model}", "--iters", "-3"], "--iters"),
     (["bench", "--engine", "{model}", "--gallery-size", "-1"], "--gallery-size"),
@@ -445,7 +446,7 @@ def test_resume_from_a_checkpoint_without_training_state(tmp_path, synthetic_roo
 @pytest.mark.parametrize("make_args, output, match", [
     (lambda d: ["embed", "--engine", d / "m.onnx", "--images", d, "--out", d / "m.onnx"], "m.onnx", "--out .* is the --engine input"),
     (lambda d: ["embed", "--engine", d / "m.onnx", "--images", d, "--boxes", d / "b.json", "--out", d / "b.json"], "b.json",
-     "--out .* is the --boxes input"),
+     "--out .* is (the --boxes input|a file inside the --images input folder)"),
     (lambda d: ["match", "--gallery", d / "g.npz", "--query", d / "q.npz", "--json", d / "g.npz"], "g.npz", "--json .* --gallery"),
     (lambda d: ["match", "--gallery", d / "g.npz", "--query", d / "q.npz", "--json", d / "q.npz"], "q.npz", "--json .* --query"),
     (lambda d: ["profile", "cost", "--model", d / "m.onnx", "--json", d / "m.onnx"], "m.onnx", "--json .* --model"),
@@ -512,3 +513,12 @@ def test_an_output_over_an_image_of_an_input_folder_is_refused(tmp_path, fresh_o
     result = runner.invoke(app, ["embed", "--engine", str(fresh_onnx[1]), "--images", str(images),
                                  "--out", str(images / "features.npz")])                 # a new file beside them: fine
     assert result.exit_code == 0, result.output
+
+
+def test_an_output_over_a_data_set_file_is_refused(tmp_path, fresh_onnx):
+    root = tmp_path / "set"
+    (root / "gallery" / "1").mkdir(parents=True)
+    (root / "list_query.txt").write_text("the data set's own list")
+    refused(["eval", "--checkpoint", fresh_onnx[1], "--dataset", "imagefolder", "--root", root,   # was replaced by JSON
+             "--json", root / "list_query.txt"], "--json .* is a file inside the --root input folder")
+    assert (root / "list_query.txt").read_text() == "the data set's own list"

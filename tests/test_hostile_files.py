@@ -417,3 +417,26 @@ def test_export_destinations_are_checked_before_any_work(tmp_path, kind):
     refused(f"export file {target} is a", export_all, ExportOptions(out_dir=str(tmp_path)), log=lambda *_: None)
     assert (target.is_fifo() if kind == "fifo" else target.is_dir())
     assert not list(tmp_path.glob(".han-edge-export-*"))
+
+
+def test_export_never_writes_through_a_link_to_its_checkpoint_nor_starts_before_every_file_is_checked(tmp_path):
+    from han_edge.checkpoint import save_checkpoint
+    from han_edge.config import get_config
+    from han_edge.jobs import ExportOptions, export_all
+    from han_edge.model import build_model
+
+    config = get_config("small")
+    checkpoint = tmp_path / "ck.pt"
+    save_checkpoint(checkpoint, build_model(config), config, epoch=1)
+    before = checkpoint.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "han_small.fp16.onnx").symlink_to(checkpoint)                 # the FP16 file was written through it
+    refused("export file .*han_small.fp16.onnx is the input .*ck.pt under another name", export_all,
+            ExportOptions(checkpoint=str(checkpoint), fp16=True, out_dir=str(out)), log=lambda *_: None)
+    assert checkpoint.read_bytes() == before
+    (out / "han_small.onnx").write_bytes(b"the previous export")
+    (out / "han_small.int8-cpu.calib.json").mkdir()                      # failed only after calibrating, FP32 replaced
+    refused("export file .*calib.json is a directory", export_all,
+            ExportOptions(int8=True, int8_target="cpu", out_dir=str(out)), log=lambda *_: None)
+    assert (out / "han_small.onnx").read_bytes() == b"the previous export"

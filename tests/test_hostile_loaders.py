@@ -145,6 +145,16 @@ def test_msmt17_list_file_with_a_byte_order_mark(tmp_path):
     assert data.query[0][0].endswith("test/0000/0000_000_01_0303morning_0015_0.jpg")   # no U+FEFF in the path
 
 
+@pytest.mark.parametrize("line", ["0000/0000_000_01_a_0.jpg 1_000", "0000/0000_000_\u0660\u0661_a_0.jpg 0"])
+def test_msmt17_numbers_are_ascii_digits(tmp_path, line):
+    for folder in ("train", "test"):
+        (tmp_path / folder).mkdir()
+    for name in ("train", "query", "gallery"):
+        (tmp_path / f"list_{name}.txt").write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(HanEdgeError, match="msmt17: cannot parse line 1"):   # int() read "1_000" as 1000
+        load_msmt17(tmp_path)
+
+
 def test_msmt17_list_file_not_utf8_is_one_sentence(tmp_path):
     for folder in ("train", "test"):
         (tmp_path / folder).mkdir()

@@ -17,3 +17,17 @@ def test_profile_flops_json_matches_table1():
     assert rows["small"]["flops"] < rows["medium"]["flops"] < rows["large"]["flops"]
     # Strides change cost, not parameters.
     assert rows["small"]["params"] == rows["large"]["params"]
+
+
+def test_cost_table_shows_rank1_only_for_the_file_the_eval_scored(fresh_onnx, tmp_path):
+    from han_edge.formats import model_digest
+    from han_edge.onnx_io import load_onnx, save_onnx, set_metadata
+    from han_edge.profile import cost_table
+
+    _, scored = fresh_onnx
+    other = load_onnx(scored)
+    set_metadata(other, {"han_edge.note": "other weights, same variant and precision"})
+    other_path = save_onnx(other, tmp_path / "other.onnx")
+    report = {"rank1": 0.5, "variant": "small", "precision": "fp32", "model_digest": model_digest(scored)}
+    rows = cost_table([scored, other_path], batch=1, iters=1, eval_result=report)
+    assert [row["rank1"] for row in rows] == [0.5, None]     # was 0.5 for both: matched on variant and precision

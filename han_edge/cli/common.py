@@ -74,7 +74,8 @@ OUTPUTS = "han_edge.outputs"   # ctx.meta key: {option name: output file} record
 
 class HanEdgeCommand(TyperCommand):
     """A command that refuses an output file that is one of its input files, or an existing file inside one of its
-    input folders (an image of ``--images``, a file of a Milvus Lite store), after parsing and before any work.
+    input folders (an image or list file of a data set, a file of a Milvus Lite store), after parsing and before
+    any work. A new file in an input folder is allowed; replacing it on the next run is not.
 
     ``embed --engine m.onnx --out m.onnx`` would otherwise replace the model with a gallery file. Allowed
     pairs (``SAME_FILE_OK``): ``train --resume ck.pt --out ck.pt`` continues a run in place (written atomically).
@@ -85,23 +86,20 @@ class HanEdgeCommand(TyperCommand):
     def invoke(self, ctx):
         import os
 
-        from han_edge.data import IMAGE_SUFFIXES
-
         outputs = {name: path for name, path in ctx.meta.get(OUTPUTS, {}).items() if ctx.params.get(name) is not None}
         for name, value in ctx.params.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 if name in outputs or not isinstance(item, (str, Path)):
                     continue
-                store = str(item).startswith("milvus:")            # a Milvus Lite gallery is a folder of files
-                item = str(item).removeprefix("milvus:")
+                item = str(item).removeprefix("milvus:")          # a Milvus Lite gallery is a folder of files
                 for out_name, out in outputs.items():
                     if not out.is_file() or (out_name, name) in self.SAME_FILE_OK:
                         continue
                     if os.path.isfile(item) and os.path.samefile(out, item):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is the {_option(self, name)} input; "
                                            "give another file name")
-                    if os.path.isdir(item) and os.path.realpath(out).startswith(os.path.realpath(item) + os.sep) \
-                            and (store or out.suffix.lower() in IMAGE_SUFFIXES):   # one of the images it reads
+                    # an image, list or .mat of a data set, a file of a Milvus Lite store: anything the command may read
+                    if os.path.isdir(item) and os.path.realpath(out).startswith(os.path.realpath(item) + os.sep):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is a file inside the "
                                            f"{_option(self, name)} input folder {item}; write it elsewhere")
         return super().invoke(ctx)

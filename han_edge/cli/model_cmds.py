@@ -16,6 +16,7 @@ from han_edge.errors import HanEdgeError, MissingDependencyError
 # -- export / inspect ----------------------------------------------------------------------------------------
 @app.command()
 def export(
+    ctx: typer.Context,
     variant: Literal["small", "medium", "large"] = typer.Option("small"),
     checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="trained checkpoint (default: fresh weights)"),
     fp16: bool = typer.Option(False, help="also write the FP16 model"),
@@ -38,6 +39,11 @@ def export(
 ):
     """Export ONNX (FP32, FP16, INT8), then build the TensorRT engine when TensorRT and a GPU are present."""
     opt_batch = check_batches(opt_batch, max_batch)   # before the export, not after it
+    given = [f"--{name.replace('_', '-')}" for name in ("target", "int8_exclude", "calibration", "calib", "calib_size",
+                                                         "int8_finetune")
+             if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+    if given and not int8:   # silently writing FP32 only would look like an INT8 export that did nothing
+        raise HanEdgeError(f"{', '.join(given)} only apply with --int8")
     from han_edge.jobs import ExportOptions, export_all
 
     options = ExportOptions(variant=variant, checkpoint=str(checkpoint) if checkpoint else None, fp16=fp16,
