@@ -37,12 +37,16 @@ def _pid_cam(name: str) -> tuple[int, int]:
 
 
 def _check_video_name(video: Path) -> None:
-    """OpenCV's video reader takes a UTF-8 name and crashes the process on any other (Linux names are bytes)."""
+    """OpenCV's video reader takes a UTF-8 name (it crashes the process on any other: Linux names are bytes) and
+    reads '%' as a printf pattern."""
     try:
         str(video).encode("utf-8")
     except UnicodeEncodeError:
         raise HanEdgeError(f"cannot open video {str(video)!r}: its name is not valid UTF-8, which OpenCV cannot "
                            "open; rename the file") from None
+    if "%" in video.name:   # OpenCV reads "f%d.jpg" as the image sequence f0.jpg, f1.jpg, ... beside it
+        raise HanEdgeError(f"cannot open video {video}: OpenCV reads a name with '%' as an image-sequence pattern "
+                           "and would read other files; rename it")
 
 
 def embed_sources(model_path, images: Path | None, video: Path | None, boxes_path: Path | None,

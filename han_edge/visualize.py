@@ -42,6 +42,9 @@ def attention_figure(checkpoint: str | Path, image_path: str | Path, out: str | 
     x = images_to_batch([image], config.input_size, config.mean, config.std)
     with torch.no_grad():
         _, _, levels = model.features(torch.from_numpy(x))
+    if not all(bool(torch.isfinite(t).all()) for level in levels for t in level.values() if torch.is_tensor(t)):
+        raise HanEdgeError(f"checkpoint {checkpoint} gives NaN or infinite attention for {image_path}: its weights "
+                           "overflow (a diverged or damaged checkpoint)")
     h, w = config.input_size
     resized = cv2.resize(image, (w * SCALE, h * SCALE), interpolation=cv2.INTER_LINEAR)
     panels = []

@@ -522,3 +522,15 @@ def test_an_output_over_a_data_set_file_is_refused(tmp_path, fresh_onnx):
     refused(["eval", "--checkpoint", fresh_onnx[1], "--dataset", "imagefolder", "--root", root,   # was replaced by JSON
              "--json", root / "list_query.txt"], "--json .* is a file inside the --root input folder")
     assert (root / "list_query.txt").read_text() == "the data set's own list"
+
+
+def test_reruns_with_reports_in_their_own_output_folders_are_not_refused(tmp_path, fresh_onnx, synthetic_root):
+    """Output folders and plain string options are no input folders (a rerun was refused as writing into one)."""
+    (tmp_path / "small").mkdir()                                   # a folder named like the --variant value
+    for _ in range(2):
+        for args in (["triton", fresh_onnx[1], "--repo", tmp_path / "repo", "--json", tmp_path / "repo" / "r.json"],
+                     ["deepstream", fresh_onnx[1], "--out", tmp_path / "ds", "--json", tmp_path / "ds" / "r.json"],
+                     ["train", "--variant", "small", "--epochs", "0", "--root", synthetic_root,
+                      "--out", tmp_path / "small" / "han.pt"]):
+            result = runner.invoke(app, [str(a) for a in args])
+            assert result.exit_code == 0, (args, result.output)

@@ -251,3 +251,14 @@ def test_an_empty_synthetic_variable_is_refused(monkeypatch):
         default_synthetic_root()
     monkeypatch.setenv("HAN_EDGE_SYNTHETIC", "some/where")
     assert str(default_synthetic_root()) == "some/where"
+
+
+def test_a_video_name_with_a_printf_pattern_is_refused(tmp_path, fresh_onnx):
+    from han_edge.pipeline import embed_sources
+
+    for i in range(3):   # OpenCV would read these three as the frames of "f%d.jpg"
+        cv2.imwrite(str(tmp_path / f"f{i}.jpg"), np.full((40, 20, 3), 60 * i, np.uint8))
+    cv2.imwrite(str(tmp_path / "f%d.jpg"), np.zeros((40, 20, 3), np.uint8))
+    (tmp_path / "b.json").write_text(json.dumps({"0": [[0, 0, 10, 10]], "2": [[0, 0, 10, 10]]}))
+    with pytest.raises(HanEdgeError, match="image-sequence pattern"):
+        embed_sources(fresh_onnx[1], None, tmp_path / "f%d.jpg", tmp_path / "b.json")

@@ -2,6 +2,7 @@
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -202,3 +203,18 @@ def test_a_colour_order_other_than_rgb_is_refused(tmp_path, fresh_onnx):
     for read in (read_config, Embedder):
         with pytest.raises(HanEdgeError, match=r"bgr.onnx: han_edge.color_order 'BGR' .* take RGB"):
             read(path)
+
+
+def test_visualize_of_weights_that_overflow_is_one_sentence(tmp_path):
+    import cv2
+
+    from han_edge.visualize import attention_figure
+
+    def blow_up(model):
+        with torch.no_grad():
+            model.stem[0].weight.mul_(1e37)              # finite weights, NaN attention (was a ValueError traceback)
+    path = _checkpoint(tmp_path / "huge.pt", edit=blow_up)
+    cv2.imwrite(str(tmp_path / "i.png"), np.full((160, 64, 3), 128, np.uint8))
+    with pytest.raises(HanEdgeError, match="gives NaN or infinite attention"):
+        attention_figure(path, tmp_path / "i.png", tmp_path / "out.png")
+    assert not (tmp_path / "out.png").exists()

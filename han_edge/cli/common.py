@@ -70,6 +70,7 @@ class HanEdgeGroup(TyperGroup):
 
 
 OUTPUTS = "han_edge.outputs"   # ctx.meta key: {option name: output file} recorded by ``output_file``
+OUTPUT_FOLDERS = "han_edge.output_folders"   # ctx.meta key: option names recorded by ``output_folder``
 
 
 class HanEdgeCommand(TyperCommand):
@@ -87,11 +88,15 @@ class HanEdgeCommand(TyperCommand):
         import os
 
         outputs = {name: path for name, path in ctx.meta.get(OUTPUTS, {}).items() if ctx.params.get(name) is not None}
+        output_folders = ctx.meta.get(OUTPUT_FOLDERS, set())
         for name, value in ctx.params.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
-                if name in outputs or not isinstance(item, (str, Path)):
+                if name in outputs or name in output_folders or not isinstance(item, (str, Path)):
                     continue
-                item = str(item).removeprefix("milvus:")          # a Milvus Lite gallery is a folder of files
+                # input folders: path options (a plain string such as --variant small is no folder), and a
+                # Milvus Lite gallery, a folder of files
+                folder_input = isinstance(item, Path) or str(item).startswith("milvus:")
+                item = str(item).removeprefix("milvus:")
                 for out_name, out in outputs.items():
                     if not out.is_file() or (out_name, name) in self.SAME_FILE_OK:
                         continue
@@ -99,7 +104,8 @@ class HanEdgeCommand(TyperCommand):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is the {_option(self, name)} input; "
                                            "give another file name")
                     # an image, list or .mat of a data set, a file of a Milvus Lite store: anything the command may read
-                    if os.path.isdir(item) and os.path.realpath(out).startswith(os.path.realpath(item) + os.sep):
+                    if folder_input and os.path.isdir(item) \
+                            and os.path.realpath(out).startswith(os.path.realpath(item) + os.sep):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is a file inside the "
                                            f"{_option(self, name)} input folder {item}; write it elsewhere")
         return super().invoke(ctx)
@@ -174,12 +180,14 @@ def output_folder(what: str, create: bool = True):
     ``create=False``: a missing folder is only checked to be creatable (its nearest existing parent a
     writable folder) and is made by the step that writes into it, so a step that does not run leaves none.
     """
-    def check(value: Optional[Path]) -> Optional[Path]:
+    def check(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
         if value is None:
             return None
         import os
 
         from han_edge.paths import ensure_folder
+
+        ctx.meta.setdefault(OUTPUT_FOLDERS, set()).add(param.name)   # not an input folder (HanEdgeCommand)
 
         try:
             if not create and str(value) and not Path(value).exists():
