@@ -44,8 +44,8 @@ def _check_video_name(video: Path) -> None:
     except UnicodeEncodeError:
         raise HanEdgeError(f"cannot open video {str(video)!r}: its name is not valid UTF-8, which OpenCV cannot "
                            "open; rename the file") from None
-    if "%" in video.name:   # OpenCV reads "f%d.jpg" as the image sequence f0.jpg, f1.jpg, ... beside it
-        raise HanEdgeError(f"cannot open video {video}: OpenCV reads a name with '%' as an image-sequence pattern "
+    if re.search(r"%0?[0-9]*d", video.name):   # OpenCV reads "f%d.jpg" as the image sequence f0.jpg, f1.jpg, ...
+        raise HanEdgeError(f"cannot open video {video}: OpenCV reads a name with '%d' as an image-sequence pattern "
                            "and would read other files; rename it")
 
 

@@ -262,3 +262,12 @@ def test_a_video_name_with_a_printf_pattern_is_refused(tmp_path, fresh_onnx):
     (tmp_path / "b.json").write_text(json.dumps({"0": [[0, 0, 10, 10]], "2": [[0, 0, 10, 10]]}))
     with pytest.raises(HanEdgeError, match="image-sequence pattern"):
         embed_sources(fresh_onnx[1], None, tmp_path / "f%d.jpg", tmp_path / "b.json")
+
+
+def test_only_printf_conversions_in_a_video_name_are_refused(tmp_path):
+    from han_edge.pipeline import _check_video_name
+
+    _check_video_name(tmp_path / "clip 100%.avi")                 # a literal '%': an ordinary video name
+    for name in ("f%d.jpg", "frame_%04d.png"):
+        with pytest.raises(HanEdgeError, match="image-sequence pattern"):
+            _check_video_name(tmp_path / name)

@@ -75,8 +75,8 @@ OUTPUT_FOLDERS = "han_edge.output_folders"   # ctx.meta key: option names record
 
 class HanEdgeCommand(TyperCommand):
     """A command that refuses an output file that is one of its input files, or an existing file inside one of its
-    input folders (an image or list file of a data set, a file of a Milvus Lite store), after parsing and before
-    any work. A new file in an input folder is allowed; replacing it on the next run is not.
+    input folders that the command may read (an image, list or split file of a data set, any file of a Milvus
+    Lite store), after parsing and before any work; a report or gallery beside the images may be rewritten.
 
     ``embed --engine m.onnx --out m.onnx`` would otherwise replace the model with a gallery file. Allowed
     pairs (``SAME_FILE_OK``): ``train --resume ck.pt --out ck.pt`` continues a run in place (written atomically).
@@ -95,7 +95,8 @@ class HanEdgeCommand(TyperCommand):
                     continue
                 # input folders: path options (a plain string such as --variant small is no folder), and a
                 # Milvus Lite gallery, a folder of files
-                folder_input = isinstance(item, Path) or str(item).startswith("milvus:")
+                store = str(item).startswith("milvus:")
+                folder_input = isinstance(item, Path) or store
                 item = str(item).removeprefix("milvus:")
                 for out_name, out in outputs.items():
                     if not out.is_file() or (out_name, name) in self.SAME_FILE_OK:
@@ -103,12 +104,19 @@ class HanEdgeCommand(TyperCommand):
                     if os.path.isfile(item) and os.path.samefile(out, item):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is the {_option(self, name)} input; "
                                            "give another file name")
-                    # an image, list or .mat of a data set, a file of a Milvus Lite store: anything the command may read
-                    if folder_input and os.path.isdir(item) \
+                    # an image, list, .mat or marker of a data set, any file of a Milvus Lite store: what it may read
+                    if folder_input and os.path.isdir(item) and (store or _data_set_file(out)) \
                             and os.path.realpath(out).startswith(os.path.realpath(item) + os.sep):
                         raise HanEdgeError(f"{_option(self, out_name)} {out} is a file inside the "
                                            f"{_option(self, name)} input folder {item}; write it elsewhere")
         return super().invoke(ctx)
+
+
+def _data_set_file(path: Path) -> bool:
+    """A file the data-set readers and the embedder read: images, list and .mat split files, the synthetic marker."""
+    from han_edge.data import IMAGE_SUFFIXES
+
+    return path.suffix.lower() in (*IMAGE_SUFFIXES, ".txt", ".mat") or path.name == "synthetic.json"
 
 
 def _option(command, name: str) -> str:
