@@ -39,6 +39,7 @@ from han_edge.ort_quantize import CALIBRATION_METHODS
 from han_edge.paths import check_destination, ensure_folder, folder_lock, not_the_input
 from han_edge.qdq_finetune import check_steps
 from han_edge.quantize import INT8_FLAVOURS, calibration_cache_paths, export_int8
+from han_edge.validate import whole_number
 
 
 # -- `han-edge export` ----------------------------------------------------------------------------------------
@@ -76,9 +77,8 @@ class ExportOptions:
         kind(("int8_exclude",), (list, tuple, type(None)), "a list of layer-group names or None",
              lambda v: v is None or all(isinstance(g, str) for g in v))
         kind(("int8_min_agreement",), (int, float), "a number from 0 to 1", lambda v: 0 <= v <= 1)
-        kind(("seed",), int, "a whole number >= 0", lambda v: v >= 0)
-        kind(("calib_size",), int, "a whole number of at least 1", lambda v: v >= 1)
-        kind(("heldout_size",), int, "a whole number of at least 2", lambda v: v >= 2)
+        for name, low in (("seed", 0), ("calib_size", 1), ("heldout_size", 2)):
+            whole_number(getattr(self, name), f"export option {name}", low)
         check_steps(self.int8_finetune)
         return self
 

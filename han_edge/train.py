@@ -15,7 +15,7 @@ from han_edge.checkpoint import checkpoint_config, load_checkpoint, save_checkpo
 from han_edge.config import HANConfig, get_config
 from han_edge.data import Item
 from han_edge.errors import HanEdgeError
-from han_edge.validate import MAX_BATCH, MIN_TRAIN_BATCH
+from han_edge.validate import MAX_BATCH, MIN_TRAIN_BATCH, whole_number
 from han_edge.model import HAN
 from han_edge.preprocess import images_to_batch, load_image
 
@@ -38,11 +38,8 @@ class TrainOptions:
 
     def check(self) -> "TrainOptions":
         """Self, or one sentence naming the first option out of range (before any data is read)."""
-        def whole(name, low, high=None):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-                bound = f"from {low} to {high}" if high is not None else f">= {low}"
-                raise HanEdgeError(f"training option {name} must be a whole number {bound}; got {value!r}")
+        def whole(name, low, high):
+            whole_number(getattr(self, name), f"training option {name}", low, high)
 
         def real(name, positive, high):
             value = getattr(self, name)

@@ -346,9 +346,9 @@ def test_clear_errors(tmp_path, synthetic_root):
         export_all(ExportOptions(checkpoint=str(bad), out_dir=str(tmp_path)))
     with pytest.raises(HanEdgeError, match="unknown variant"):
         export_all(ExportOptions(variant="xl", out_dir=str(tmp_path)))
-    for bad_option, match in [({"calib_size": 0}, "calib_size must be a whole number of at least 1"),
+    for bad_option, match in [({"calib_size": 0}, "calib_size must be a whole number >= 1"),
                               ({"calib_size": -3}, "calib_size"), ({"calib_size": True}, "calib_size"),
-                              ({"heldout_size": 1}, "heldout_size must be a whole number of at least 2"),
+                              ({"heldout_size": 1}, "heldout_size must be a whole number >= 2"),
                               ({"heldout_size": 0}, "heldout_size"), ({"heldout_size": 2.5}, "heldout_size"),
                               ({"variant": None}, "variant must be a string"), ({"out_dir": 5}, "out_dir must be a path"),
                               ({"out_dir": ""}, "out_dir must be a path"), ({"checkpoint": 5}, "checkpoint must be a path"),
