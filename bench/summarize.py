@@ -157,10 +157,20 @@ def _finetune_cell(finetune: dict | None) -> str:
 def _int8_models_section(models: dict) -> list[str]:
     return [f"## INT8 accuracy across trained HAN-S models ({models['machine']}, {models['date']})", "",
             "`bench/bench_int8_models.py`: each checkpoint exported as `han-edge export --int8` does (analysis on 512 "
-            "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries).", "",
-            table(["model", "flavour", *ACCURACY_COLUMNS],
-                  [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["precision"], *_accuracy_cells(r)]
+            "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries). Last column: "
+            "NN agreement of the same file on the report crops and on further disjoint sets of 512 held-out crops "
+            "(mean ± standard error; lowest set), where a single set's sampling error is about 0.01.", "",
+            table(["model", "flavour", *ACCURACY_COLUMNS, "shifted activations", "NN agreement, many sets"],
+                  [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["precision"], *_accuracy_cells(r),
+                    r.get("shifted_activations", "not in this run"), _many_sets_cell(r.get("many_sets"))]
                    for r in models["rows"]]), ""]
+
+
+def _many_sets_cell(many: dict | None) -> str:
+    if not many:
+        return "not in this run"
+    return (f"{many['neighbour_agreement_mean']:.3f} ± {many['neighbour_agreement_se']:.3f} over {many['sets']} sets; "
+            f"lowest {min(many['neighbour_agreement_sets']):.3f}")
 
 
 def _runtime_rows(rows: list[dict]) -> list[list]:

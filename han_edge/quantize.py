@@ -7,7 +7,9 @@ weights, biases in float) places the Q/DQ nodes; the flavours differ in where:
   (activations and weights), Conv/Gemm outputs left unquantised — NVIDIA's explicit-quantization
   placement rules: quantise all inputs of weighted layers, leave their outputs alone, and let
   TensorRT fuse each DQ into its Conv/Gemm together with the bias and ReLU after it; no float Concat
-  carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19.
+  carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19. Activations
+  that cannot be negative and feed only unpadded convolutions are quantised shifted by half their range
+  (``han_edge.int8_shift``), so they use all 256 levels where zero point 0 left them 128.
 * ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid,
   Mul and Add between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
   ``QLinearConv`` (integer in, integer out, ReLU folded into the output range), the attention into
@@ -45,6 +47,7 @@ from han_edge.int8_layers import (
     embedding_heads,
     sampling_grid_nodes,
 )
+from han_edge.int8_shift import shift_non_negative
 from han_edge.onnx_io import (
     ORT_FP16_ARTEFACTS,
     load_onnx,
@@ -71,14 +74,16 @@ class Int8Flavour:
     op_types: tuple[str, ...]
     quantize_outputs: bool       # Q/DQ on Conv/Gemm outputs too (ORT's integer kernels need them)
     fp16_float: bool             # the non-INT8 part in FP16 (opset 19)
+    shift_non_negative: bool     # symmetric activations that cannot be negative shifted onto all 256 levels
 
 
 INT8_FLAVOURS = {
     "tensorrt": Int8Flavour("tensorrt", "int8", activation_symmetric=True, unsigned_activations=False,
-                            op_types=("Conv", "Gemm"), quantize_outputs=False, fp16_float=True),
+                            op_types=("Conv", "Gemm"), quantize_outputs=False, fp16_float=True,
+                            shift_non_negative=True),
     "cpu": Int8Flavour("cpu", "int8-cpu", activation_symmetric=False, unsigned_activations=True,
                        op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul", "Add"), quantize_outputs=True,
-                       fp16_float=False),
+                       fp16_float=False, shift_non_negative=False),
 }
 FP16_TOLERANCE = 1e-3   # centred-cosine loss FP16 may add to INT8 before op types are kept in FP32
 
@@ -146,6 +151,7 @@ class Int8Report:
     sensitivity: dict[str, float] = field(default_factory=dict)   # group -> centred-cosine loss alone
     agreement_floor: float = 0.0                                    # the analysis's agreement bar (see export_int8)
     equalized_pairs: int = 0                                        # conv -> ReLU -> conv ranges equalised (equalize.py)
+    shifted_activations: int = 0                                    # non-negative, on all 256 levels (int8_shift.py)
     centred_cosine: float = 0.0
     neighbour_agreement: float = 0.0
     clear_neighbour_agreement: float = 0.0                          # over crops whose FP32 neighbour leads by > 1%
@@ -227,13 +233,17 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         onnx.save(to_opset(equalized, FP16_OPSET) if spec.fp16_float else equalized, str(source))
 
         always_float = sampling_grid_nodes(fp32_model) + embedding_heads(fp32_model)
+        fixed_scales: list[str] = []   # the latest build's shifted quantisers (their offsets are tied to the scales)
 
         def build(excluded_groups: list[str]):
             nodes = always_float + [n for g in excluded_groups for n in groups[g]]
             try:
-                return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
+                model = onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
             except (ValueError, RuntimeError) as err:   # ORT's quantiser on a graph that is not han-edge's HAN
                 raise HanEdgeError(f"ONNX Runtime cannot quantise {fp32_path}: {reason(err)}") from None
+            if spec.shift_non_negative:
+                model, fixed_scales[:] = shift_non_negative(model)
+            return model
 
         def features(model) -> np.ndarray:
             onnx.save(model, str(tmp / "score.onnx"))
@@ -254,7 +264,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
                 return float(((got - reference) ** 2).sum(axis=1).mean())
 
             tuned, result = finetune_qdq(model, calib_batch, lambda b: run_ort(teacher, b), heldout_batch, reference,
-                                         steps=finetune_steps, judge=distance,
+                                         steps=finetune_steps, judge=distance, fixed_scales=fixed_scales,
                                          progress=progress and (lambda d, t: progress(d, t, "fine-tune steps")))
             report.finetune = result.__dict__
             return tuned
@@ -272,6 +282,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
                     lambda excluded: scores(build(excluded)), list(groups), bars, max_excluded, progress)
         if final is None:
             final = finetuned(build(report.excluded_groups))
+        report.shifted_activations = len(fixed_scales)
         if spec.fp16_float:
             report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
             final = qdq_to_fp16(final, report.fp32_nodes)
@@ -280,7 +291,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         atomic_write_bytes(key_file, _key_line(key, ranges), "calibration cache key")
 
     extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups,
-             "int8_equalized_pairs": report.equalized_pairs,
+             "int8_equalized_pairs": report.equalized_pairs, "int8_shifted_activations": report.shifted_activations,
              "int8_finetune_steps": report.finetune["steps"] if report.finetune.get("kept") else 0}
     if spec.fp16_float:
         extra.update(float_precision="fp16", fp32_nodes=report.fp32_nodes, opset=FP16_OPSET)

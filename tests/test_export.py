@@ -140,6 +140,8 @@ def test_int8_tensorrt_flavour_is_int8_plus_fp16(exported):
     assert len(float32_tensors(load_onnx(out / "han_small.onnx"))) > 100
     quantizers, inits = _quantizers(model)
     assert len(quantizers) >= 20
+    # non-negative activations read by unpadded convs are shifted onto all 256 levels (int8_shift.py)
+    assert json.loads(meta["han_edge.int8_shifted_activations"]) == result["int8"]["shifted_activations"] == 24
     for node in quantizers:                    # symmetric S8 activations, FP16 scales (opset 19)
         zero_point = inits[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any(), node.name

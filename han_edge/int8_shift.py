@@ -1,0 +1,224 @@
+"""All 256 INT8 levels for non-negative activations under TensorRT's symmetric quantisation.
+
+TensorRT quantises activations symmetrically (zero point 0). A tensor that cannot be negative (a
+ReLU output, features times a sigmoid attention map, their averages and resizes) then uses the
+levels 0..127 only: its rounding error is that of 7 bits. Quantising ``t - c`` instead, with ``c``
+half the calibrated range ``r`` and half the scale, spreads the same ``[0, r]`` over all 255 levels.
+A convolution without padding that reads the shifted tensor is corrected exactly in its bias:
+``W * (t' + c) + b = W * t' + (b + c * sum(W))``, with ``W`` the weights as the graph dequantises them.
+A zero-padded convolution would see ``-c`` at the border, so tensors read by one keep today's
+quantiser (in HAN-S: the inputs of the depthwise 3x3 convolutions and of the spatial attention's
+3x3; 24 of the 40 quantised activations are shifted).
+
+Two forms in the graph, both made of what TensorRT fuses (its layer-fusion catalogue):
+
+* ``t = Relu(Conv(x))`` read by its quantiser only: the Conv's bias gets ``-c`` and the Relu becomes
+  ``Clip(min=-c)`` (``Relu(z) - c = max(z - c, -c)``): Convolution + Clip is fused like Convolution
+  + ReLU, and the INT8 output quantiser with it — the same kernels as before the shift;
+* otherwise an ``Add`` of the scalar ``-c`` before the quantiser (a pointwise op with a one-value
+  constant, fused with the quantiser after it); readers other than the convolutions (GridSample,
+  Flatten) read ``t`` itself.
+
+The float function of the graph is unchanged (``tests/test_int8_shift.py`` strips the quantisers and
+compares); only the rounding changes. Measured on the benchmark's trained HAN-S (512 held-out crops,
+calibration only): squared feature distance to FP32 0.0060 -> 0.0035, where the CPU flavour's
+asymmetric U8 activations give 0.0025 and shifting every non-negative tensor 0.0026.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import numpy as np
+
+# ops whose output is >= 0 when their data inputs are (indices of the data inputs; None: all)
+_KEEPS_SIGN = {"Mul": None, "Add": None, "Concat": None, "Max": None, "Min": None, "GlobalAveragePool": (0,),
+               "AveragePool": (0,), "MaxPool": (0,), "GlobalMaxPool": (0,), "ReduceMean": (0,), "ReduceMax": (0,),
+               "ReduceSum": (0,), "Reshape": (0,), "Flatten": (0,), "Transpose": (0,), "Squeeze": (0,),
+               "Unsqueeze": (0,), "Slice": (0,), "Identity": (0,), "QuantizeLinear": (0,),
+               "DequantizeLinear": (0,), "Resize": (0,), "GridSample": (0,)}
+_NON_NEGATIVE = ("Relu", "Sigmoid", "Softmax", "Exp", "Abs")
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def non_negative_tensors(model) -> set[str]:
+    """Tensors of ``model`` that are >= 0 for every input, from the ops alone (no data)."""
+    from onnx import numpy_helper
+
+    found = {i.name for i in model.graph.initializer if (numpy_helper.to_array(i) >= 0).all()}
+    for node in model.graph.node:   # ONNX graphs are topologically sorted
+        attrs = _attrs(node)
+        if node.op_type in _NON_NEGATIVE:
+            positive = True
+        elif node.op_type == "Clip":
+            positive = len(node.input) > 1 and node.input[1] in found   # a lower bound >= 0
+        elif node.op_type in _KEEPS_SIGN:
+            indices = _KEEPS_SIGN[node.op_type] or range(len(node.input))
+            data = [node.input[i] for i in indices if i < len(node.input) and node.input[i]]
+            positive = bool(data) and all(name in found for name in data)
+            if node.op_type == "Resize":   # cubic interpolation overshoots
+                positive &= attrs.get("mode", b"nearest") in (b"nearest", b"linear")
+            if node.op_type == "GridSample":
+                positive &= attrs.get("mode", b"linear") in (b"linear", b"bilinear", b"nearest")
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):   # only with zero point 0
+                positive &= _zero_point_is_zero(model, node)
+        else:
+            positive = False
+        if positive:
+            found.update(node.output)
+    return found
+
+
+def _initializer(model, name: str):
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def _zero_point_is_zero(model, node) -> bool:
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    value = _initializer(model, node.input[2])
+    return value is not None and not value.any()
+
+
+def _as_stored(array) -> np.ndarray:
+    """``array`` as float32 holding the values the FP16 file stores (``onnxconverter_common``'s rounding).
+
+    The bias corrections are computed from these, so they are exact in the FP16 file too: with the
+    FP32 weight scales, the FP16 file's rounding of them left ``c * sum(W)`` off by up to 0.1.
+    """
+    from onnxconverter_common.float16 import convert_np_to_float16
+
+    array = np.asarray(array, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "values truncated to fp16" notices, as in half.qdq_to_fp16
+        return convert_np_to_float16(np.atleast_1d(array)).astype(np.float32).reshape(array.shape)
+
+
+def _unpadded_conv(node, reads: str) -> bool:
+    attrs = _attrs(node)
+    return (node.op_type == "Conv" and node.input[0] == reads and not any(attrs.get("pads", []))
+            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
+
+
+def shift_non_negative(model):
+    """(model with shifted quantisers, names of the shifted tensors' new scales) — see the module docstring.
+
+    ``model`` is a symmetric Q/DQ graph (TensorRT flavour, FP32 float part); it is not changed.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {i.name: i for i in graph.initializer}
+    value = {name: numpy_helper.to_array(init) for name, init in inits.items()}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    positive = non_negative_tensors(out)
+    new_nodes, fixed_scales = {}, []
+
+    def add_init(name: str, array: np.ndarray) -> str:
+        while name in value:   # a conv may get a second correction (it reads one shifted tensor, makes another)
+            name += "'"
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        value[name] = array
+        return name
+
+    def dequantized(name: str) -> np.ndarray | None:   # a Conv's weights as the graph computes them
+        if name in value:
+            return value[name]
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in value or dq.input[1] not in value:
+            return None
+        q, scale = value[dq.input[0]].astype(np.float32), _as_stored(value[dq.input[1]])
+        inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))   # the FP16 file's own values
+        value[dq.input[1]] = scale
+        shape = [1] * q.ndim
+        shape[_attrs(dq).get("axis", 1) % q.ndim] = -1
+        zero = value[dq.input[2]].astype(np.float32).reshape(shape) if len(dq.input) > 2 and dq.input[2] else 0
+        return (q - zero) * (scale.reshape(shape) if scale.ndim else scale)
+
+    for quant in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        tensor = quant.input[0]
+        if tensor in value or tensor not in positive or quant.input[1] not in value or not _zero_point_is_zero(out, quant):
+            continue
+        quantizers = [r for r in readers[tensor] if r.op_type == "QuantizeLinear"]
+        if len(quantizers) != 1 or value[quant.input[1]].ndim:   # one per-tensor quantiser per tensor
+            continue
+        dqs = readers[quant.output[0]]
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.input[1] != quant.input[1] for d in dqs):
+            continue
+        convs = [r for d in dqs for r in readers[d.output[0]] if r.op_type in ("Conv", "Gemm")]
+        others = [(d, r) for d in dqs for r in readers[d.output[0]] if r.op_type not in ("Conv", "Gemm")]
+        if not convs or not all(_unpadded_conv(c, c.input[0]) and c.input[0] in {d.output[0] for d in dqs}
+                                for c in convs):
+            continue
+        weights = [dequantized(c.input[1]) for c in convs]
+        biases = [value.get(c.input[2]) if len(c.input) > 2 and c.input[2] else None for c in convs]
+        if any(w is None for w in weights) or any(len(c.input) > 2 and c.input[2] and b is None
+                                                for c, b in zip(convs, biases)):
+            continue
+        half_scale = _as_stored(value[quant.input[1]] / 2)
+        offset = float(128 * half_scale)   # zero -> level -128 exactly: [0, 255 half_scale] over all 256 levels
+        half = add_init(f"{tensor}/shifted_scale", half_scale)
+        for q_or_dq in (quant, *dqs):
+            q_or_dq.input[1] = half
+        fixed_scales.append(half)
+        for conv, w, b in zip(convs, weights, biases):
+            bias = (np.zeros(w.shape[0], np.float32) if b is None else b) + offset * w.sum(axis=(1, 2, 3))
+            name = add_init(f"{conv.name or conv.output[0]}/shifted_bias", bias.astype(np.float32))
+            if len(conv.input) > 2:
+                conv.input[2] = name
+            else:
+                conv.input.append(name)
+        relu = producer.get(tensor)
+        conv_in = producer.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else None
+        if (conv_in is not None and conv_in.op_type == "Conv" and len(readers[relu.input[0]]) == 1
+                and len(readers[tensor]) == 1 and not others and (len(conv_in.input) < 3 or conv_in.input[2] in value)):
+            old = value.get(conv_in.input[2]) if len(conv_in.input) > 2 else None
+            w = dequantized(conv_in.input[1])
+            if w is not None:
+                bias = (np.zeros(w.shape[0], np.float32) if old is None else old) - offset
+                name = add_init(f"{conv_in.name or relu.input[0]}/shifted_bias", bias.astype(np.float32))
+                if len(conv_in.input) > 2:
+                    conv_in.input[2] = name
+                else:
+                    conv_in.input.append(name)
+                low = add_init(f"{tensor}/shift_min", np.array(-offset, np.float32))
+                relu.op_type = "Clip"
+                relu.input.append(low)
+                continue
+        shifted = f"{tensor}/shifted"
+        minus = add_init(f"{tensor}/shift", np.array(-offset, np.float32))
+        new_nodes[quant.output[0]] = helper.make_node("Add", [tensor, minus], [shifted], name=f"{tensor}/shift_add")
+        quant.input[0] = shifted
+        for dq, reader in others:   # GridSample, Flatten, ...: the unshifted float tensor
+            for i, name in enumerate(reader.input):
+                if name == dq.output[0]:
+                    reader.input[i] = tensor
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.output[0] in new_nodes:
+            nodes.append(new_nodes[node.output[0]])
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]   # biases replaced by their corrections
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return out, fixed_scales
