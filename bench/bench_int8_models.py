@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from common import write_result
 
-from han_edge.data import HELDOUT_SET, load_market_layout
+from han_edge.data import HELDOUT_SET
 from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import load_batch
 from han_edge.job_data import heldout_paths
@@ -40,8 +40,7 @@ def crop_sets(folder: Path, count: int) -> list[list[str]]:
     for k in range(count):
         people = HELDOUT_SET["test_ids"]
         root = generate(folder / f"set{k}", **{**HELDOUT_SET, "first_id": 2001 + people * k})
-        data = load_market_layout(root, "synthetic")
-        crops = [path for path, _, _ in (*data.query, *data.gallery)]
+        crops = [str(p) for folder in ("query", "bounding_box_test") for p in sorted((root / folder).glob("*.jpg"))]
         sets += [crops[0::2][:SET_SIZE], crops[1::2][:SET_SIZE]]
     return sets
 

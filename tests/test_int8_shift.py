@@ -165,3 +165,47 @@ def test_padded_convolutions_and_signed_tensors_are_left_alone():
     assert shift_non_negative(model("r", [0, 0, 0, 0]))[1]          # a ReLU output into an unpadded conv: shifted
     assert not shift_non_negative(model("r", [1, 1, 1, 1]))[1]      # a padded conv would see -c at the border
     assert not shift_non_negative(model("x", [0, 0, 0, 0]))[1]      # the input can be negative
+
+
+def _conv_after_relu(shape, weight_scale=2.0 ** -6, relu_is_output=False):   # FP16-exact scales
+    """x -> Conv -> Relu -> Q/DQ -> Conv (no padding) -> y, any spatial rank; optionally the Relu output is a graph output."""
+    rng = np.random.default_rng(0)
+    kernel = (1,) * (len(shape) - 2)
+    w8 = [rng.integers(-127, 128, (2, 2, *kernel)).astype(np.int8) for _ in range(2)]
+    inits = [numpy_helper.from_array(w8[0], "w8a"), numpy_helper.from_array(w8[1], "w8b"),
+             numpy_helper.from_array(np.full(2, weight_scale, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "wz"), numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "z"), numpy_helper.from_array(np.full(2, 0.1, np.float32), "b")]
+    nodes = [helper.make_node("DequantizeLinear", ["w8a", "ws", "wz"], ["wa"], axis=0),
+             helper.make_node("DequantizeLinear", ["w8b", "ws", "wz"], ["wb"], axis=0),
+             helper.make_node("Conv", ["x", "wa", "b"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]), helper.make_node("Conv", ["d", "wb", "b"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if relu_is_output:
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 6), (1, 2, 4, 4), (1, 2, 3, 3, 3)])
+def test_exact_for_1d_2d_3d_convolutions(shape):
+    model = _conv_after_relu(shape)
+    shifted, fixed = shift_non_negative(model)
+    assert fixed and [n.op_type for n in shifted.graph.node].count("Clip") == 1
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(_outputs(_without_activation_quantisers(shifted), x)[0],
+                               _outputs(_without_activation_quantisers(model, weights_from=shifted), x)[0], atol=1e-5)
+
+
+def test_graph_outputs_keep_their_values():
+    model = _conv_after_relu((1, 2, 4, 4), relu_is_output=True)
+    shifted, fixed = shift_non_negative(model)
+    assert fixed and "Clip" not in [n.op_type for n in shifted.graph.node]   # the Add form: r itself is unchanged
+    x = np.random.default_rng(1).normal(size=(1, 2, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(_outputs(shifted, x)[1], _outputs(model, x)[1])
+
+
+def test_a_correction_the_fp16_file_would_clip_is_not_made():
+    # weights of 127 * 100 per input: c * sum(W) far beyond FP16's stored range (onnxconverter-common: 1e4)
+    assert not shift_non_negative(_conv_after_relu((1, 2, 4, 4), weight_scale=1000.0))[1]
