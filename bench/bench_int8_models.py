@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import write_result
+from common import RESULTS, write_result
 
 from han_edge.data import HELDOUT_SET
 from han_edge.evaluate import centred_cosine, neighbour_agreement
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--extra-sets", type=int, default=4, help="further held-out sets (2 x 512 crops each)")
     parser.add_argument("--targets", default="cpu,tensorrt")
+    parser.add_argument("--append", action="store_true", help="keep the result file's rows of other models/flavours")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -82,6 +83,10 @@ def main() -> None:
                              "many_sets": scores_on(out / "han_small.onnx", Path(int8["path"]), [report, *batches]),
                              **int8["retrieval"]})
                 print(json.dumps(rows[-1]), flush=True)
+    if args.append and (RESULTS / "int8_models.json").is_file():
+        done = {(r["source"], r["precision"]) for r in rows}
+        earlier = json.loads((RESULTS / "int8_models.json").read_text(encoding="utf-8"))["rows"]
+        rows = [r for r in earlier if (r["source"], r["precision"]) not in done] + rows
     write_result("int8_models", rows)
 
 

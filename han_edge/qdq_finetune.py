@@ -39,11 +39,8 @@ def _qrange(zero_point_dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def QDQGraph(model, fixed_scales=()):   # noqa: N802 - a class made on first use, so this module imports without torch
-    """PyTorch module executing the Q/DQ ONNX ``model`` with fake quantisation (see the module docstring).
-
-    Activation scales named in ``fixed_scales`` are not learned (``int8_shift``'s: their offset is tied to them).
-    """
+def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module imports without torch
+    """PyTorch module executing the Q/DQ ONNX ``model`` with fake quantisation (see the module docstring)."""
     torch, _ = torch_and_functional()
     from onnx import helper, numpy_helper
 
@@ -96,7 +93,7 @@ def QDQGraph(model, fixed_scales=()):   # noqa: N802 - a class made on first use
             if value is None or value.ndim != 0 or value.dtype != np.float32 or (zero and zero not in self.consts):
                 raise unsupported(f"{node.op_type} {node.name!r} other than per-tensor with a float32 scale "
                                    "and zero point stored in the file")
-            if scale not in self.scales and scale not in fixed_scales:
+            if scale not in self.scales:
                 self.scales[scale] = float(value)
                 self._learn(scale, np.zeros((), np.float32))
 
@@ -187,7 +184,7 @@ class FinetuneResult:
 
 def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldout_reference: np.ndarray,
                  steps: int = 200, batch: int = 32, lr: float = 3e-5, scale_lr: float = 2e-3, seed: int = 0,
-                 judge=None, progress=None, fixed_scales=()):
+                 judge=None, progress=None):
     """(Q/DQ model after ``steps`` of fine-tuning towards ``teacher``'s features, ``FinetuneResult``).
 
     ``teacher(batch) -> features`` is the FP32 model; ``images`` (calibration crops) and their mirror
@@ -195,14 +192,14 @@ def finetune_qdq(model, images: np.ndarray, teacher, heldout: np.ndarray, heldou
     to FP32 on ``heldout`` (crops it never trained on, with their FP32 ``heldout_reference``), as
     ``judge(model) -> distance`` measures it (default: this module's own execution; the INT8 export
     judges with ONNX Runtime, whose integer kernels round differently). A step whose loss or
-    gradients are not finite is skipped. ``fixed_scales``: activation scales kept as they are.
+    gradients are not finite is skipped.
     """
     torch, _ = torch_and_functional()
     if steps < 1 or len(images) == 0:
         raise HanEdgeError("INT8 fine-tuning needs at least one step and one image")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    graph = QDQGraph(model, fixed_scales)
+    graph = QDQGraph(model)
     train = np.concatenate([images, images[..., ::-1]])
     targets = np.concatenate([teacher(images), teacher(np.ascontiguousarray(images[..., ::-1]))])
 

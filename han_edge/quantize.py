@@ -233,16 +233,19 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         onnx.save(to_opset(equalized, FP16_OPSET) if spec.fp16_float else equalized, str(source))
 
         always_float = sampling_grid_nodes(fp32_model) + embedding_heads(fp32_model)
-        fixed_scales: list[str] = []   # the latest build's shifted quantisers (their offsets are tied to the scales)
 
         def build(excluded_groups: list[str]):
             nodes = always_float + [n for g in excluded_groups for n in groups[g]]
             try:
-                model = onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
+                return onnx.load(str(quantize(source, tmp / "q.onnx", calib_batch, spec, method, nodes, work_cache)))
             except (ValueError, RuntimeError) as err:   # ORT's quantiser on a graph that is not han-edge's HAN
                 raise HanEdgeError(f"ONNX Runtime cannot quantise {fp32_path}: {reason(err)}") from None
-            if spec.shift_non_negative:
-                model, fixed_scales[:] = shift_non_negative(model)
+
+        def shifted(model):   # after the fine-tune: learning under the shift moved c * sum(W) with every weight step
+            if not spec.shift_non_negative:
+                return model
+            model, scales = shift_non_negative(model)
+            report.shifted_activations = len(scales)
             return model
 
         def features(model) -> np.ndarray:
@@ -260,11 +263,11 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
             if not finetune_steps:
                 return model
             def distance(candidate) -> float:   # as the file runs: ONNX Runtime, FP16 float part for TensorRT
-                got = features(qdq_to_fp16(candidate) if spec.fp16_float else candidate)
+                got = features(qdq_to_fp16(shifted(candidate)) if spec.fp16_float else shifted(candidate))
                 return float(((got - reference) ** 2).sum(axis=1).mean())
 
             tuned, result = finetune_qdq(model, calib_batch, lambda b: run_ort(teacher, b), heldout_batch, reference,
-                                         steps=finetune_steps, judge=distance, fixed_scales=fixed_scales,
+                                         steps=finetune_steps, judge=distance,
                                          progress=progress and (lambda d, t: progress(d, t, "fine-tune steps")))
             report.finetune = result.__dict__
             return tuned
@@ -275,14 +278,13 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
         if exclude is not None:
             report.excluded_groups = list(exclude)
         else:
-            final = finetuned(build([]))
+            final = shifted(finetuned(build([])))
             if not all(got >= want for got, want in zip(scores(final), bars)):
                 final = None   # the analysis ranks groups on the plain calibration (fine-tuning each is too slow)
                 report.sensitivity, report.excluded_groups = choose_exclusions(
-                    lambda excluded: scores(build(excluded)), list(groups), bars, max_excluded, progress)
+                    lambda excluded: scores(shifted(build(excluded))), list(groups), bars, max_excluded, progress)
         if final is None:
-            final = finetuned(build(report.excluded_groups))
-        report.shifted_activations = len(fixed_scales)
+            final = shifted(finetuned(build(report.excluded_groups)))
         if spec.fp16_float:
             report.fp32_nodes, report.fp16_sensitivity = fp16_sensitivity(final, score_model, FP16_TOLERANCE)
             final = qdq_to_fp16(final, report.fp32_nodes)

@@ -93,16 +93,6 @@ def test_write_back_changes_values_only():
     assert (np.abs(_raw_session(out).run(None, {"x": x})[0] - _run(graph, x)) > 1e-6).mean() < 0.02
 
 
-def test_fixed_scales_are_not_learned():
-    graph = QDQGraph(_tiny_qdq(), fixed_scales=["s1"])
-    assert set(graph.scales) == {"s0", "s2"} and len(graph.scale_parameters()) == 2
-    with torch.no_grad():
-        for key in graph.params:
-            graph.params[key] += 0.5
-    after = {i.name: numpy_helper.to_array(i) for i in graph.write_back().graph.initializer}
-    assert after["s1"] == np.float32(0.03) and after["s0"] != np.float32(0.02)
-
-
 def test_finetune_lowers_the_distance_to_its_teacher_or_keeps_the_model():
     teacher_model = _tiny_qdq()
     teacher_graph = QDQGraph(teacher_model)
