@@ -159,7 +159,8 @@ def _int8_models_section(models: dict) -> list[str]:
             "`bench/bench_int8_models.py`: each checkpoint exported as `han-edge export --int8` does (analysis on 512 "
             "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries). Last column: "
             "NN agreement of the same file on the report crops and on further disjoint sets of 512 held-out crops "
-            "(mean ± standard error; lowest set), where a single set's sampling error is about 0.01.", "",
+            "(mean ± standard error; lowest set), where a single set's sampling error is about 0.01."
+            + (f" {models['note'][0].upper()}{models['note'][1:]}." if models.get("note") else ""), "",
             table(["model", "flavour", *ACCURACY_COLUMNS, "shifted activations", "NN agreement, many sets"],
                   [[r["source"].removeprefix("checkpoint ").rsplit("/", 1)[-1], r["precision"], *_accuracy_cells(r),
                     r.get("shifted_activations", "not in this run"), _many_sets_cell(r.get("many_sets"))]
