@@ -28,7 +28,7 @@ from han_edge.exporter import load_batch
 from han_edge.job_data import heldout_paths
 from han_edge.jobs import ExportOptions, export_all
 from han_edge.onnx_io import ort_session, read_config, run_ort
-from han_edge.quantize import scoring_session
+from han_edge.quantize import file_scoring_session
 from han_edge.synthetic import generate
 
 SET_SIZE = 512
@@ -46,7 +46,7 @@ def crop_sets(folder: Path, count: int) -> list[list[str]]:
 
 
 def scores_on(fp32: Path, int8: Path, batches: list[np.ndarray]) -> dict:
-    reference, quantised = ort_session(fp32), scoring_session(int8, read_config(int8)[1] == "int8")
+    reference, quantised = ort_session(fp32), file_scoring_session(int8)[0]
     pairs = [(run_ort(reference, b), run_ort(quantised, b)) for b in batches]
     agreement = [neighbour_agreement(a, b) for a, b in pairs]
     return {"sets": len(batches), "neighbour_agreement_mean": float(np.mean(agreement)),

@@ -23,7 +23,7 @@ verified here: TensorRT cannot be installed):
 The float function of the graph is unchanged (``tests/test_int8_shift.py`` strips the quantisers and
 compares); only the rounding changes. Measured on the benchmark's trained HAN-S (512 held-out crops,
 calibration only): squared feature distance to FP32 0.0061 -> 0.0036 as the FP16 file runs, where
-the CPU flavour's asymmetric U8 activations give 0.0025 and a shift of every non-negative tensor
+the same placement with asymmetric U8 activations (which TensorRT lacks) gives 0.0025 and a shift of every non-negative tensor
 (padded convs' inputs too, not exact) would give 0.0026. The bias corrections use the weight scales
 as the FP16 file stores them: computed from the FP32 scales they were off by up to 0.1, which cost
 0.0036 -> 0.0043. The export shifts *after* the INT8 fine-tune (``qdq_finetune``): fine-tuned under
@@ -57,7 +57,8 @@ def non_negative_tensors(model) -> set[str]:
     """Tensors of ``model`` that are >= 0 for every input, from the ops alone (no data)."""
     from onnx import numpy_helper
 
-    found = {i.name for i in model.graph.initializer if (numpy_helper.to_array(i) >= 0).all()}
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {name for name, array in values.items() if (array >= 0).all()}
     for node in model.graph.node:   # ONNX graphs are topologically sorted
         attrs = _attrs(node)
         if node.op_type in _NON_NEGATIVE:
@@ -73,7 +74,7 @@ def non_negative_tensors(model) -> set[str]:
             if node.op_type == "GridSample":
                 positive &= attrs.get("mode", b"linear") in (b"linear", b"bilinear", b"nearest")
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):   # only with zero point 0
-                positive &= _zero_point_is_zero(model, node)
+                positive &= _zero_point_is_zero(values, node)
         else:
             positive = False
         if positive:
@@ -81,20 +82,11 @@ def non_negative_tensors(model) -> set[str]:
     return found
 
 
-def _initializer(model, name: str):
-    from onnx import numpy_helper
-
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    return None
-
-
-def _zero_point_is_zero(model, node) -> bool:
+def _zero_point_is_zero(values: dict, node) -> bool:
+    """A QuantizeLinear/DequantizeLinear ``node`` whose zero point (in ``values``, the initializers) is 0 or absent."""
     if len(node.input) < 3 or not node.input[2]:
         return True
-    value = _initializer(model, node.input[2])
-    return value is not None and not value.any()
+    return node.input[2] in values and not values[node.input[2]].any()
 
 
 def _as_stored(array) -> np.ndarray:
@@ -173,7 +165,7 @@ def shift_non_negative(model):
 
     for quant in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         tensor = quant.input[0]
-        if tensor in value or tensor not in positive or quant.input[1] not in value or not _zero_point_is_zero(out, quant):
+        if tensor in value or tensor not in positive or quant.input[1] not in value or not _zero_point_is_zero(value, quant):
             continue
         quantizers = [r for r in readers[tensor] if r.op_type == "QuantizeLinear"]
         if len(quantizers) != 1 or value[quant.input[1]].ndim:   # one per-tensor quantiser per tensor

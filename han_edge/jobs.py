@@ -35,10 +35,10 @@ from han_edge.formats import artefact_path, model_digest
 from han_edge.int8_layers import check_exclusions
 from han_edge.job_data import calibration_paths, heldout_paths, load_torch_model
 from han_edge.onnx_io import load_onnx, ort_session, run_ort
-from han_edge.ort_quantize import CALIBRATION_METHODS
+from han_edge.ort_quantize import CALIBRATION_METHODS, calibration_cache_paths
 from han_edge.paths import check_destination, ensure_folder, folder_lock, not_the_input
 from han_edge.qdq_finetune import check_steps
-from han_edge.quantize import INT8_FLAVOURS, calibration_cache_paths, export_int8
+from han_edge.quantize import INT8_FLAVOURS, export_int8
 from han_edge.validate import whole_number
 
 

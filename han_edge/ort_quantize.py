@@ -6,6 +6,7 @@ The call itself and its data reader, apart from the INT8 export that decides wha
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
@@ -49,6 +50,24 @@ class ImageReader:
 
     def __len__(self):
         return len(self.starts)
+
+
+def calibration_cache_paths(int8_path: Path) -> tuple[Path, Path]:
+    """The calibration cache and its key file written beside an INT8 model (``<stem>.calib.json``/``.calib.key``)."""
+    cache = int8_path.with_name(int8_path.name.removesuffix(".onnx") + ".calib.json")
+    return cache, cache.with_suffix(".key")
+
+
+def calibration_key(source_model, calib_batch: np.ndarray, method: str, flavour) -> str:
+    """Digest of what the ranges depend on: the graph calibrated (the equalised one), images, method, flavour."""
+    digest = hashlib.sha256(source_model.SerializeToString())
+    digest.update(np.ascontiguousarray(calib_batch).tobytes())
+    digest.update(f"{method}/{flavour.name}".encode())
+    return digest.hexdigest()[:16]
+
+
+def key_line(key: str, cache: bytes) -> bytes:
+    return f"{key} {hashlib.sha256(cache).hexdigest()[:32]}".encode()
 
 
 def quantize(source: Path, out_path: Path, calib_batch: np.ndarray, flavour, method: str,

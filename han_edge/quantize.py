@@ -7,9 +7,8 @@ weights, biases in float) places the Q/DQ nodes; the flavours differ in where:
   (activations and weights), Conv/Gemm outputs left unquantised — NVIDIA's explicit-quantization
   placement rules: quantise all inputs of weighted layers, leave their outputs alone, and let
   TensorRT fuse each DQ into its Conv/Gemm together with the bias and ReLU after it; no float Concat
-  carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19. Activations
-  that cannot be negative and feed only unpadded convolutions are quantised shifted by half their range
-  (``han_edge.int8_shift``), so they use all 256 levels where zero point 0 left them 128.
+  carries Q/DQ. Everything that is not INT8 is FP16 (``han_edge.half``), the file opset 19. Non-negative
+  activations read by unpadded convs are shifted onto all 256 levels (``han_edge.int8_shift``).
 * ``cpu``: U8 activations with a zero point, Q/DQ also on Conv/Gemm outputs, and the ReLU, Sigmoid,
   Mul and Add between them quantised, so ONNX Runtime's CPU provider fuses every convolution into
   ``QLinearConv`` (integer in, integer out, ReLU folded into the output range), the attention into
@@ -25,7 +24,6 @@ under 0.1% of the multiply-adds, about a quarter of the INT8 error.
 """
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +33,13 @@ import numpy as np
 from han_edge.config import config_from_metadata, model_metadata
 from han_edge.equalize import equalize_conv_inputs
 from han_edge.errors import HanEdgeError
-from han_edge.evaluate import centred_cosine, clear_neighbour_agreement, neighbour_agreement
+from han_edge.evaluate import (
+    centred_cosine,
+    clear_neighbour_agreement,
+    neighbour_agreement,
+)
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
-from han_edge.paths import as_path
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
 from han_edge.int8_layers import (
     agreement_floor,
@@ -57,7 +58,14 @@ from han_edge.onnx_io import (
     save_onnx,
     set_metadata,
 )
-from han_edge.ort_quantize import CALIBRATION_METHODS, quantize
+from han_edge.ort_quantize import (
+    CALIBRATION_METHODS,
+    calibration_cache_paths,
+    calibration_key,
+    key_line,
+    quantize,
+)
+from han_edge.paths import as_path
 from han_edge.qdq_finetune import check_steps, finetune_qdq
 from han_edge.validate import real_number, reason
 from han_edge.validate_arrays import finite
@@ -74,13 +82,12 @@ class Int8Flavour:
     op_types: tuple[str, ...]
     quantize_outputs: bool       # Q/DQ on Conv/Gemm outputs too (ORT's integer kernels need them)
     fp16_float: bool             # the non-INT8 part in FP16 (opset 19)
-    shift_non_negative: bool     # symmetric activations that cannot be negative shifted onto all 256 levels
+    shift_non_negative: bool     # non-negative activations shifted onto all 256 levels (int8_shift.py)
 
 
 INT8_FLAVOURS = {
-    "tensorrt": Int8Flavour("tensorrt", "int8", activation_symmetric=True, unsigned_activations=False,
-                            op_types=("Conv", "Gemm"), quantize_outputs=False, fp16_float=True,
-                            shift_non_negative=True),
+    "tensorrt": Int8Flavour("tensorrt", "int8", activation_symmetric=True, unsigned_activations=False, op_types=(
+        "Conv", "Gemm"), quantize_outputs=False, fp16_float=True, shift_non_negative=True),
     "cpu": Int8Flavour("cpu", "int8-cpu", activation_symmetric=False, unsigned_activations=True,
                        op_types=("Conv", "Gemm", "Relu", "Sigmoid", "Mul", "Add"), quantize_outputs=True,
                        fp16_float=False, shift_non_negative=False),
@@ -93,6 +100,12 @@ def scoring_session(path, without_fp16_artefacts: bool):
     return ort_session(path, disabled_optimizers=list(ORT_FP16_ARTEFACTS) if without_fp16_artefacts else None)
 
 
+def file_scoring_session(path) -> tuple:
+    """(ORT session scoring the INT8 file ``path`` as TensorRT computes it, whether its float part is FP16)."""
+    fp16 = onnx_metadata(load_onnx(path)).get("han_edge.float_precision") == "fp16"
+    return scoring_session(path, fp16), fp16
+
+
 def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> dict[str, float]:
     """Centred cosine and nearest-neighbour agreement (all crops; clear neighbours) of ``path`` against ``reference``.
 
@@ -100,8 +113,8 @@ def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> d
     rewrite, whose FP16 arithmetic TensorRT does not do; those files also get the ``*_ort_default``
     figures, ONNX Runtime with every default optimisation.
     """
-    fp16 = onnx_metadata(load_onnx(path)).get("han_edge.float_precision") == "fp16"
-    got = run_ort(scoring_session(path, fp16), batch)
+    session, fp16 = file_scoring_session(path)
+    got = run_ort(session, batch)
     clear, share = clear_neighbour_agreement(reference, got)
     scores = {"centred_cosine": centred_cosine(reference, got), "neighbour_agreement": neighbour_agreement(reference, got),
               "clear_neighbour_agreement": clear, "clear_neighbour_share": share}
@@ -110,24 +123,6 @@ def held_out_accuracy(reference: np.ndarray, path: Path, batch: np.ndarray) -> d
         scores.update(centred_cosine_ort_default=centred_cosine(reference, got),
                       neighbour_agreement_ort_default=neighbour_agreement(reference, got))
     return scores
-
-
-def calibration_cache_paths(int8_path: Path) -> tuple[Path, Path]:
-    """The calibration cache and its key file written beside an INT8 model (``<stem>.calib.json``/``.calib.key``)."""
-    cache = int8_path.with_name(int8_path.name.removesuffix(".onnx") + ".calib.json")
-    return cache, cache.with_suffix(".key")
-
-
-def _calibration_key(source_model, calib_batch: np.ndarray, method: str, flavour: Int8Flavour) -> str:
-    """Digest of what the ranges depend on: the graph calibrated (the equalised one), images, method, flavour."""
-    digest = hashlib.sha256(source_model.SerializeToString())
-    digest.update(np.ascontiguousarray(calib_batch).tobytes())
-    digest.update(f"{method}/{flavour.name}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _key_line(key: str, cache: bytes) -> bytes:
-    return f"{key} {hashlib.sha256(cache).hexdigest()[:32]}".encode()
 
 
 def _check_batch(batch, input_size: tuple[int, int], what: str, least: int) -> None:
@@ -214,11 +209,11 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
     groups = check_exclusions(fp32_model, exclude or [])
     cache, key_file = calibration_cache_paths(path)
     equalized, equalized_pairs = equalize_conv_inputs(fp32_model, calib_batch)
-    key = _calibration_key(equalized, calib_batch, method, spec)
+    key = calibration_key(equalized, calib_batch, method, spec)
     # the key file also holds the cache's own digest: a cache edited, damaged or paired with another run's
     # key is recalibrated, never trusted (its ranges become the model's scales)
     reused = (cache.is_file() and key_file.is_file()
-              and key_file.read_bytes() == _key_line(key, cache.read_bytes()))
+              and key_file.read_bytes() == key_line(key, cache.read_bytes()))
     teacher = ort_session(fp32_path)
     reference = run_ort(teacher, heldout_batch)
     report = Int8Report(flavour, method, len(calib_batch), [], equalized_pairs=equalized_pairs,
@@ -242,10 +237,9 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
                 raise HanEdgeError(f"ONNX Runtime cannot quantise {fp32_path}: {reason(err)}") from None
 
         def shifted(model):   # after the fine-tune: learning under the shift moved c * sum(W) with every weight step
-            if not spec.shift_non_negative:
-                return model
-            model, scales = shift_non_negative(model)
-            report.shifted_activations = len(scales)
+            if spec.shift_non_negative:
+                model, scales = shift_non_negative(model)
+                report.shifted_activations = len(scales)
             return model
 
         def features(model) -> np.ndarray:
@@ -290,7 +284,7 @@ def export_int8(fp32_path: str | Path, path: str | Path, calib_batch: np.ndarray
             final = qdq_to_fp16(final, report.fp32_nodes)
         ranges = work_cache.read_bytes()
         atomic_write_bytes(cache, ranges, "calibration cache")
-        atomic_write_bytes(key_file, _key_line(key, ranges), "calibration cache key")
+        atomic_write_bytes(key_file, key_line(key, ranges), "calibration cache key")
 
     extra = {"calibration": method, "int8_target": flavour, "int8_excluded": report.excluded_groups,
              "int8_equalized_pairs": report.equalized_pairs, "int8_shifted_activations": report.shifted_activations,
