@@ -33,11 +33,7 @@ import numpy as np
 from han_edge.config import config_from_metadata, model_metadata
 from han_edge.equalize import equalize_conv_inputs
 from han_edge.errors import HanEdgeError
-from han_edge.evaluate import (
-    centred_cosine,
-    clear_neighbour_agreement,
-    neighbour_agreement,
-)
+from han_edge.evaluate import centred_cosine, clear_neighbour_agreement, neighbour_agreement
 from han_edge.exporter import ort_optimized_op_counts
 from han_edge.fileio import atomic_write_bytes
 from han_edge.half import FP16_OPSET, fp16_sensitivity, qdq_to_fp16, to_opset
@@ -58,13 +54,7 @@ from han_edge.onnx_io import (
     save_onnx,
     set_metadata,
 )
-from han_edge.ort_quantize import (
-    CALIBRATION_METHODS,
-    calibration_cache_paths,
-    calibration_key,
-    key_line,
-    quantize,
-)
+from han_edge.ort_quantize import CALIBRATION_METHODS, calibration_cache_paths, calibration_key, key_line, quantize
 from han_edge.paths import as_path
 from han_edge.qdq_finetune import check_steps, finetune_qdq
 from han_edge.validate import real_number, reason
