@@ -11,6 +11,12 @@ The nearest-neighbour agreement on 512 crops has a sampling error of about 0.01,
 differences it is asked to show, so each file is also scored on ``--extra-sets`` x 2 more sets of 512
 crops (people of ``--extra-sets`` further held-out sets, identities 2001 on, never trained, calibrated or
 analysed on): the rows carry the mean over the report set and these, and its standard error.
+
+Rank-1 on the synthetic test set's 181 queries moves 0.55 points with every query, so a change of two
+queries either way (1.1 points) is what chance gives (sign test in the row). The same FP32/INT8 pair is
+therefore also ranked on each further set's own test split (query/ against bounding_box_test/, 120 new
+people, ~360 queries each; ``jobs.compare_retrieval``, the code path of `han-edge eval`): the row's
+``retrieval_many`` pools their queries, rank-1 and mAP change with standard errors.
 """
 from __future__ import annotations
 
@@ -18,15 +24,16 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from common import RESULTS, write_result
 
-from han_edge.data import HELDOUT_SET
+from han_edge.data import HELDOUT_SET, load_market_test
 from han_edge.evaluate import centred_cosine, neighbour_agreement
 from han_edge.exporter import load_batch
 from han_edge.job_data import heldout_paths
-from han_edge.jobs import ExportOptions, export_all
+from han_edge.jobs import ExportOptions, compare_retrieval, export_all
 from han_edge.onnx_io import ort_session, read_config, run_ort
 from han_edge.quantize import file_scoring_session
 from han_edge.synthetic import generate
@@ -34,15 +41,17 @@ from han_edge.synthetic import generate
 SET_SIZE = 512
 
 
-def crop_sets(folder: Path, count: int) -> list[list[str]]:
-    """``2 * count`` disjoint sets of 512 crops of people outside every other set (generated under ``folder``)."""
-    sets = []
+def crop_sets(folder: Path, count: int) -> tuple[list[list[str]], list[Path]]:
+    """``2 * count`` disjoint sets of 512 crops of people outside every other set, and the ``count`` test-only
+    Market layouts (generated under ``folder``) they come from."""
+    sets, roots = [], []
     for k in range(count):
         people = HELDOUT_SET["test_ids"]
         root = generate(folder / f"set{k}", **{**HELDOUT_SET, "first_id": 2001 + people * k})
         crops = [str(p) for folder in ("query", "bounding_box_test") for p in sorted((root / folder).glob("*.jpg"))]
         sets += [crops[0::2][:SET_SIZE], crops[1::2][:SET_SIZE]]
-    return sets
+        roots.append(root)
+    return sets, roots
 
 
 def scores_on(fp32: Path, int8: Path, batches: list[np.ndarray]) -> dict:
@@ -55,6 +64,28 @@ def scores_on(fp32: Path, int8: Path, batches: list[np.ndarray]) -> dict:
             "centred_cosine_mean": float(np.mean([centred_cosine(a, b) for a, b in pairs]))}
 
 
+def retrieval_on(fp32: Path, int8: Path, roots: list[Path]) -> dict:
+    """Rank-1/mAP of FP32 and INT8 over the queries of every test layout in ``roots``, pooled, with paired errors."""
+    from scipy.stats import binomtest
+
+    runs = [compare_retrieval(fp32, int8, SimpleNamespace(name=root.name, **dict(zip(
+        ("query", "gallery"), load_market_test(root, root.name))))) for root in roots]
+    queries = np.array([r["rank1_changed"]["queries"] for r in runs])
+    n, weights = int(queries.sum()), queries / queries.sum()
+    gained, lost = (sum(r["rank1_changed"][k] for r in runs) for k in ("gained", "lost"))
+    delta_map = np.array([r["int8"]["mAP"] - r["fp32"]["mAP"] for r in runs])
+    pooled = {f"{model}_{key}": float(sum(w * r[model][key] for w, r in zip(weights, runs)))
+              for model in ("fp32", "int8") for key in ("rank1", "mAP")}
+    # paired rank-1 difference: (gained - lost) / n; its variance from the discordant queries
+    return {"layouts": len(runs), "queries": n, "gained": gained, "lost": lost, **pooled,
+            "rank1_delta": (gained - lost) / n, "rank1_delta_se": float(np.sqrt(gained + lost - (gained - lost) ** 2 / n) / n),
+            "p_value": float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0,
+            "mAP_delta": float(weights @ delta_map),
+            "mAP_delta_se": float(np.std(delta_map, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else None,
+            "per_layout": [{"queries": int(q), "rank1": [r["fp32"]["rank1"], r["int8"]["rank1"]],
+                            "mAP": [r["fp32"]["mAP"], r["int8"]["mAP"]]} for q, r in zip(queries, runs)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoints", nargs="+")
@@ -64,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        extra = crop_sets(Path(scratch), args.extra_sets)
+        extra, layouts = crop_sets(Path(scratch), args.extra_sets)
         for checkpoint in args.checkpoints:
             for target in args.targets.split(","):
                 out = Path(scratch) / "export"
@@ -81,6 +112,7 @@ def main() -> None:
                              "excluded_groups": int8["excluded_groups"], "finetune": int8["finetune"],
                              "shifted_activations": int8.get("shifted_activations", 0),
                              "many_sets": scores_on(out / "han_small.onnx", Path(int8["path"]), [report, *batches]),
+                             "retrieval_many": retrieval_on(out / "han_small.onnx", Path(int8["path"]), layouts),
                              **int8["retrieval"]})
                 print(json.dumps(rows[-1]), flush=True)
     if args.append and (RESULTS / "int8_models.json").is_file():

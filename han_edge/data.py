@@ -76,9 +76,14 @@ def load_market_layout(root: str | Path, name: str = "market1501") -> ReidData:
     """Market-1501 / DukeMTMC-reID: bounding_box_train/, query/, bounding_box_test/."""
     root = _require_dir(Path(root), name)
     train = _parse_pid_cam_folder(root / "bounding_box_train", name, keep_distractors=False)
-    query = _parse_pid_cam_folder(root / "query", name, keep_distractors=False)
-    gallery = _parse_pid_cam_folder(root / "bounding_box_test", name, keep_distractors=True)
-    return ReidData(name, relabel(train), query, gallery)
+    return ReidData(name, relabel(train), *load_market_test(root, name))
+
+
+def load_market_test(root: str | Path, name: str) -> tuple[list[Item], list[Item]]:
+    """(query, gallery) of a Market-layout folder: query/ and bounding_box_test/ (a test-only set needs no train/)."""
+    root = _require_dir(Path(root), name)
+    return (_parse_pid_cam_folder(root / "query", name, keep_distractors=False),
+            _parse_pid_cam_folder(root / "bounding_box_test", name, keep_distractors=True))
 
 
 def load_msmt17(root: str | Path) -> ReidData:

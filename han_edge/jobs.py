@@ -182,11 +182,12 @@ def evaluate_model(model_path, data, rerank: bool = False, multi_query: bool = F
     return result
 
 
-def compare_retrieval(fp32_path: Path, other_path: Path) -> dict:
-    """Rank-1/mAP of two exported models on the synthetic test set (same code path as `han-edge eval`)."""
+def compare_retrieval(fp32_path: Path, other_path: Path, data=None) -> dict:
+    """Rank-1/mAP of two exported models on ``data`` (``.name``, ``.query``, ``.gallery``; default the synthetic
+    set), the same code path as `han-edge eval`."""
     from han_edge.data import load_dataset
 
-    data = load_dataset("synthetic", None)
+    data = data or load_dataset("synthetic", None)
     keys = ("rank1", "rank5", "mAP")
     out, hits = {}, {}
     for name, path in (("fp32", fp32_path), ("int8", other_path)):

@@ -32,6 +32,20 @@ def test_market_and_duke_layouts(tmp_path, name, pattern):
     assert sorted(pid for _, pid, _ in data.gallery) == [0, 9]
 
 
+def test_test_only_market_layout_reads_query_and_gallery_without_a_train_folder(tmp_path):
+    from han_edge.data import load_market_test
+
+    root = generate(tmp_path / "held", train_ids=0, test_ids=3, distractors=2, first_id=40)
+    with pytest.raises(HanEdgeError, match="no images"):
+        load_market_layout(root)                   # the full layout needs training images
+    query, gallery = load_market_test(root, "held")
+    assert {pid for _, pid, _ in query} == {40, 41, 42}                  # not relabelled: pids are the names'
+    assert {pid for _, pid, _ in gallery} == {0, 40, 41, 42}             # distractors kept in the gallery
+    assert not {p for p, _, _ in query} & {p for p, _, _ in gallery}
+    with pytest.raises(HanEdgeError, match="not found"):
+        load_market_test(tmp_path / "nope", "held")
+
+
 def test_bad_file_name_and_missing_folders(tmp_path):
     with pytest.raises(HanEdgeError, match="not found"):
         load_market_layout(tmp_path / "nope")
