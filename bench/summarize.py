@@ -157,10 +157,10 @@ def _finetune_cell(finetune: dict | None) -> str:
 def _int8_models_section(models: dict) -> list[str]:
     return [f"## INT8 accuracy across trained HAN-S models ({models['machine']}, {models['date']})", "",
             "`bench/bench_int8_models.py`: each checkpoint exported as `han-edge export --int8` does (analysis on 512 "
-            "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries). Last column: "
+            "held-out crops, figures on 512 others, rank-1/mAP on the synthetic test set of 181 queries). Next to last column: "
             "NN agreement of the same file on the report crops and on further disjoint sets of 512 held-out crops "
             "(mean ± standard error; lowest set), where a single set's sampling error is about 0.01. Rank-1 on 181 queries "
-            "moves 0.55 points per query; the final column ranks the same pair on the further sets' own test splits "
+            "moves 0.55 points per query; the last column ranks the same pair on the further sets' own test splits "
             "(120 new people each, their queries pooled): FP32 -> INT8, change ± standard error (paired)."
             + (f" {models['note'][0].upper()}{models['note'][1:]}." if models.get("note") else ""), "",
             table(["model", "flavour", *ACCURACY_COLUMNS, "shifted activations", "NN agreement, many sets",
