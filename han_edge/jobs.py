@@ -187,7 +187,7 @@ def compare_retrieval(fp32_path: Path, other_path: Path, data=None) -> dict:
     set), the same code path as `han-edge eval`."""
     from han_edge.data import load_dataset
 
-    data = data or load_dataset("synthetic", None)
+    data = load_dataset("synthetic", None) if data is None else data
     keys = ("rank1", "rank5", "mAP")
     out, hits = {}, {}
     for name, path in (("fp32", fp32_path), ("int8", other_path)):
