@@ -23,6 +23,7 @@ from pathlib import Path
 from han_edge.config import HANConfig, config_from_metadata, normalization_of
 from han_edge.errors import HanEdgeError
 from han_edge.fileio import atomic_write_bytes
+from han_edge.onnx_io import ort_workarounds
 from han_edge.paths import as_path, check_destination, ensure_folder, require_file
 from han_edge.validate import INT64_MAX, MAX_BATCH, whole_number
 
@@ -223,6 +224,13 @@ def config_text(served: ServedModel, name: str, options: RepoOptions) -> str:
               f"    kind: {kind}",
               "  }",
               "]"]
+    if served.platform == "onnxruntime_onnx" and ort_workarounds(served.metadata):
+        # ONNX Runtime rewrites this file's biases in FP16 (onnx_io.ORT_FP16_ARTEFACTS) and its features go wrong;
+        # han-edge's runtime turns that one rewrite off, Triton's onnxruntime backend can only turn off all of them
+        # (graph level 2 = ORT_DISABLE_ALL in its src/onnxruntime.cc; -1 basic, 1 extended, otherwise all).
+        lines += ["# INT8 + FP16 (TensorRT flavour): ONNX Runtime's graph rewrites off, see han_edge.onnx_io "
+                  "ORT_FP16_ARTEFACTS; serve its TensorRT engine (.plan) for speed",
+                  "optimization {", "  graph {", "    level: 2", "  }", "}"]
     # The han-edge metadata, so clients read the config, precision and normalisation form from the server.
     params = dict(sorted(served.metadata.items()))
     params.setdefault("han_edge.normalization", "external")

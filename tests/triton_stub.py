@@ -31,6 +31,10 @@ class _Model:
         self.versions = [str(v) for v in versions]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads      # 0: ONNX Runtime's default
+        level = ort.GraphOptimizationLevel        # Triton's onnxruntime backend (src/onnxruntime.cc) maps these
+        options.graph_optimization_level = {-1: level.ORT_ENABLE_BASIC, 1: level.ORT_ENABLE_EXTENDED,
+                                            2: level.ORT_DISABLE_ALL}.get(self.config.optimization.graph.level,
+                                                                          level.ORT_ENABLE_ALL)
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(folder / self.versions[-1] / "model.onnx"), options,
                                             providers=["CPUExecutionProvider"])
