@@ -30,7 +30,7 @@ import numpy as np
 from common import RESULTS, write_result
 
 from han_edge.data import HELDOUT_SET, load_market_test
-from han_edge.evaluate import centred_cosine, neighbour_agreement
+from han_edge.evaluate import centred_cosine, neighbour_agreement, sign_test
 from han_edge.exporter import load_batch
 from han_edge.job_data import heldout_paths
 from han_edge.jobs import ExportOptions, compare_retrieval, export_all
@@ -66,8 +66,6 @@ def scores_on(fp32: Path, int8: Path, batches: list[np.ndarray]) -> dict:
 
 def retrieval_on(fp32: Path, int8: Path, roots: list[Path]) -> dict:
     """Rank-1/mAP of FP32 and INT8 over the queries of every test layout in ``roots``, pooled, with paired errors."""
-    from scipy.stats import binomtest
-
     runs = [compare_retrieval(fp32, int8, SimpleNamespace(name=root.name, **dict(zip(
         ("query", "gallery"), load_market_test(root, root.name))))) for root in roots]
     queries = np.array([r["rank1_changed"]["queries"] for r in runs])
@@ -79,7 +77,7 @@ def retrieval_on(fp32: Path, int8: Path, roots: list[Path]) -> dict:
     # paired rank-1 difference: (gained - lost) / n; its variance from the discordant queries
     return {"layouts": len(runs), "queries": n, "gained": gained, "lost": lost, **pooled,
             "rank1_delta": (gained - lost) / n, "rank1_delta_se": float(np.sqrt(gained + lost - (gained - lost) ** 2 / n) / n),
-            "p_value": float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0,
+            "p_value": sign_test(gained, lost),
             "mAP_delta": float(weights @ delta_map),
             "mAP_delta_se": float(np.std(delta_map, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else None,
             "per_layout": [{"queries": int(q), "rank1": [r["fp32"]["rank1"], r["int8"]["rank1"]],

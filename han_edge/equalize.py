@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from han_edge.onnx_io import INPUT, ort_session
+from han_edge.onnx_io import INPUT, node_attributes, ort_session
 
 MAX_SCALE = 64.0   # a channel all but dead on the calibration images is not blown up beyond this
 MIGRATION = 0.5    # share of a regular conv input's range difference moved into its weights
@@ -57,9 +57,7 @@ def relu_pairs(model) -> list[tuple]:
 
 
 def _group(node) -> int:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+    return node_attributes(node).get("group", 1)
 
 
 def channel_peaks(model, tensors: list[str], batch: np.ndarray, chunk: int = 32) -> dict[str, np.ndarray]:

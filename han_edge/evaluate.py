@@ -169,6 +169,13 @@ def re_ranking(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_v
     return jaccard * (1 - lambda_value) + original[:num_q, num_q:] * lambda_value
 
 
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test (McNemar's) of paired hits: how likely ``gained`` vs ``lost`` is by chance."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(gained, gained + lost).pvalue) if gained + lost else 1.0
+
+
 def evaluate_features(q_feats, g_feats, q_pids, g_pids, q_camids, g_camids, rerank: bool = False) -> dict:
     """Squared-Euclidean ranking (the ordering of the paper's L2 distance), optionally re-ranked."""
     q_feats, g_feats = _features(q_feats, "query"), _features(g_feats, "gallery")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 FP16_OPSET = 19
 # Inputs that stay FP32 by their op's definition or onnxconverter-common's choice (Resize roi/scales).
 _ALWAYS_FLOAT_INPUTS = {"Resize": (1, 2)}
@@ -36,6 +38,20 @@ def qdq_to_fp16(model, keep_fp32_nodes=()):
         warnings.simplefilter("ignore")   # "values truncated to fp16" notices
         return float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=[],
                                                 node_block_list=list(keep_fp32_nodes))
+
+
+def as_fp16_stored(array) -> np.ndarray:
+    """``array`` as float32 holding the values ``qdq_to_fp16``'s file stores (onnxconverter-common's rounding).
+
+    ``int8_shift`` computes its bias corrections from these, so they are exact in the FP16 file too: from
+    the FP32 weight scales, the file's rounding of them left ``c * sum(W)`` off by up to 0.1.
+    """
+    from onnxconverter_common.float16 import convert_np_to_float16
+
+    array = np.asarray(array, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "values truncated to fp16" notices
+        return convert_np_to_float16(np.atleast_1d(array)).astype(np.float32).reshape(array.shape)
 
 
 def float32_tensors(model, allowed_nodes=()) -> list[str]:

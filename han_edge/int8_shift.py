@@ -32,10 +32,12 @@ the shift, each weight step also moves ``c * sum(W)`` and 60 steps took 0.0035 t
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import numpy as np
+
+from han_edge.half import as_fp16_stored
+from han_edge.onnx_io import node_attributes
 
 # ops whose output is >= 0 when their data inputs are (indices of the data inputs; None: all)
 _KEEPS_SIGN = {"Mul": None, "Add": None, "Concat": None, "Max": None, "Min": None, "GlobalAveragePool": (0,),
@@ -47,12 +49,6 @@ _NON_NEGATIVE = ("Relu", "Sigmoid", "Softmax", "Exp", "Abs")
 FP16_STORED_MAX = 1e4   # onnxconverter-common's max_finite_val: the FP16 file clips larger values
 
 
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def non_negative_tensors(model) -> set[str]:
     """Tensors of ``model`` that are >= 0 for every input, from the ops alone (no data)."""
     from onnx import numpy_helper
@@ -60,7 +56,7 @@ def non_negative_tensors(model) -> set[str]:
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     found = {name for name, array in values.items() if (array >= 0).all()}
     for node in model.graph.node:   # ONNX graphs are topologically sorted
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         if node.op_type in _NON_NEGATIVE:
             positive = True
         elif node.op_type == "Clip":
@@ -89,22 +85,8 @@ def _zero_point_is_zero(values: dict, node) -> bool:
     return node.input[2] in values and not values[node.input[2]].any()
 
 
-def _as_stored(array) -> np.ndarray:
-    """``array`` as float32 holding the values the FP16 file stores (``onnxconverter_common``'s rounding).
-
-    The bias corrections are computed from these, so they are exact in the FP16 file too: with the
-    FP32 weight scales, the FP16 file's rounding of them left ``c * sum(W)`` off by up to 0.1.
-    """
-    from onnxconverter_common.float16 import convert_np_to_float16
-
-    array = np.asarray(array, np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # "values truncated to fp16" notices, as in half.qdq_to_fp16
-        return convert_np_to_float16(np.atleast_1d(array)).astype(np.float32).reshape(array.shape)
-
-
 def _unpadded_conv(node, reads: str) -> bool:
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     return (node.op_type == "Conv" and node.input[0] == reads and not any(attrs.get("pads", []))
             and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID"))
 
@@ -146,9 +128,9 @@ def shift_non_negative(model):
         dq = producer.get(name)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in value or dq.input[1] not in value:
             return None, None
-        q, scale = value[dq.input[0]].astype(np.float32), _as_stored(value[dq.input[1]])
+        q, scale = value[dq.input[0]].astype(np.float32), as_fp16_stored(value[dq.input[1]])
         shape = [1] * q.ndim
-        shape[_attrs(dq).get("axis", 1) % q.ndim] = -1
+        shape[node_attributes(dq).get("axis", 1) % q.ndim] = -1
         zero = value[dq.input[2]].astype(np.float32).reshape(shape) if len(dq.input) > 2 and dq.input[2] else 0
         return (q - zero) * (scale.reshape(shape) if scale.ndim else scale), dq.input[1]
 
@@ -179,7 +161,7 @@ def shift_non_negative(model):
         if not convs or dq_outputs & outputs or not all(_unpadded_conv(c, c.input[0]) and c.input[0] in dq_outputs
                                                         for c in convs):
             continue   # a Gemm (transposed weights), a padded conv or a graph output reads it: not exact
-        half_scale = _as_stored(value[quant.input[1]] / 2)
+        half_scale = as_fp16_stored(value[quant.input[1]] / 2)
         offset = float(128 * half_scale)   # zero -> level -128 exactly: [0, 255 half_scale] over all 256 levels
         found = [(conv, *weights(conv), bias(conv)) for conv in convs]
         if any(w is None or b is None for _, w, _, b in found):
@@ -189,7 +171,7 @@ def shift_non_negative(model):
             continue   # the FP16 file would clip the bias
         for (conv, _, scale_name, _), array in zip(found, corrected):
             if scale_name is not None:   # the weight scales as the FP16 file stores them, as the biases assume
-                value[scale_name] = _as_stored(value[scale_name])
+                value[scale_name] = as_fp16_stored(value[scale_name])
                 inits[scale_name].CopyFrom(numpy_helper.from_array(value[scale_name], scale_name))
             set_bias(conv, array)
         half = add_init(f"{tensor}/shifted_scale", half_scale)

@@ -42,6 +42,13 @@ def onnx_metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def node_attributes(node) -> dict:
+    """An ONNX node's attributes as ``{name: Python value}``."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def set_metadata(model, meta: dict[str, str]) -> None:
     existing = {p.key: p for p in model.metadata_props}
     for key, value in meta.items():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from han_edge.errors import HanEdgeError
+from han_edge.onnx_io import node_attributes
 from han_edge.torch_ops import OPS, torch_and_functional, unsupported
 
 
@@ -42,7 +43,7 @@ def _qrange(zero_point_dtype) -> tuple[int, int]:
 def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module imports without torch
     """PyTorch module executing the Q/DQ ONNX ``model`` with fake quantisation (see the module docstring)."""
     torch, _ = torch_and_functional()
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     class _QDQGraph(torch.nn.Module):
         def __init__(self):
@@ -50,7 +51,7 @@ def QDQGraph(model):   # noqa: N802 - a class made on first use, so this module 
             graph = model.graph
             self.model = model
             self.consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-            self.nodes = [(n, {a.name: helper.get_attribute_value(a) for a in n.attribute}) for n in graph.node]
+            self.nodes = [(n, node_attributes(n)) for n in graph.node]
             unknown = sorted({n.op_type for n, _ in self.nodes} - set(OPS) - {"QuantizeLinear", "DequantizeLinear"})
             if unknown:
                 raise HanEdgeError(f"INT8 fine-tuning cannot run operators {', '.join(unknown)}")
